@@ -1,0 +1,23 @@
+"""batchnorm: the Keras BatchNormalization layer, faithful to Keras, native to PyTorch.
+
+Public API: :class:`BatchNormalization`, the tree helpers :func:`set_trainable`,
+:func:`regularization_loss` and :func:`apply_constraints`, the R-style constructor
+:func:`layer_batch_normalization`, and the Keras-named object modules :mod:`initializers`,
+:mod:`regularizers`, :mod:`constraints`.
+"""
+
+from . import constraints, initializers, regularizers
+from .layer import BatchNormalization
+from .tree import apply_constraints, layer_batch_normalization, regularization_loss, set_trainable
+
+__all__ = [
+    "BatchNormalization",
+    "set_trainable",
+    "regularization_loss",
+    "apply_constraints",
+    "layer_batch_normalization",
+    "initializers",
+    "regularizers",
+    "constraints",
+]
+__version__ = "0.1.0"

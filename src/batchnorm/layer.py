@@ -1,0 +1,391 @@
+"""The Keras ``BatchNormalization`` layer as a PyTorch module."""
+
+from __future__ import annotations
+
+import itertools
+import numbers
+from typing import Any, Callable
+
+import torch
+from torch import Tensor, nn
+
+from . import constraints, functional, initializers, regularizers
+
+__all__ = ["BatchNormalization"]
+
+_KERAS_NAME = "batch_normalization"
+_name_counter = itertools.count()
+
+# Keras dtype-policy names and the dtype of the weights they give (mixed policies keep float32
+# weights, as Keras does).
+_POLICY_WEIGHT_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "mixed_float16": torch.float32,
+    "mixed_bfloat16": torch.float32,
+}
+_TORCH_DTYPE_NAMES = {dtype: name for name, dtype in _POLICY_WEIGHT_DTYPES.items() if "mixed" not in name}
+
+# Keras 3.15 configuration keys we accept but whose feature (batch renormalization) is absent.
+_RENORM_DEFAULTS = {"renorm": False, "renorm_clipping": None, "renorm_momentum": 0.99}
+
+
+def _check_type(name: str, value: Any, kind: type | tuple, description: str) -> None:
+    if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
+        raise TypeError(f"{name} must be {description}, received {name}={value!r}")
+
+
+def _resolve_dtype(dtype: Any) -> tuple[str, torch.dtype]:
+    """Policy name and weight dtype from ``None``, a torch dtype, a name or a Keras DTypePolicy dict."""
+    if dtype is None:
+        return "float32", torch.float32
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _TORCH_DTYPE_NAMES:
+            raise ValueError(f"dtype must be a floating dtype, received dtype={dtype!r}")
+        return _TORCH_DTYPE_NAMES[dtype], dtype
+    name = dtype
+    if isinstance(dtype, dict):
+        name = dtype.get("config", {}).get("name") if dtype.get("class_name") == "DTypePolicy" else None
+    if isinstance(name, str) and name in _POLICY_WEIGHT_DTYPES:
+        return name, _POLICY_WEIGHT_DTYPES[name]
+    raise ValueError(
+        f"dtype must be None, a floating torch.dtype, one of {sorted(_POLICY_WEIGHT_DTYPES)} "
+        f"or a Keras DTypePolicy dict, received dtype={dtype!r}"
+    )
+
+
+class BatchNormalization(nn.Module):
+    r"""Keras's ``BatchNormalization`` layer, natively in PyTorch.
+
+    Normalizes its input per channel (the entries along ``axis``). With :math:`R` every axis but
+    ``axis``:
+
+    * **training** (``training and trainable``): batch statistics
+      :math:`\mu = \operatorname{mean}_R(x)`, :math:`\sigma^2 = \operatorname{mean}_R((x-\mu)^2)`
+      (biased) and :math:`y = \gamma (x - \mu) / \sqrt{\sigma^2 + \epsilon} + \beta`; then, in place
+      and without gradient, ``moving_mean = moving_mean * momentum + mu * (1 - momentum)`` and
+      likewise ``moving_variance`` with the biased :math:`\sigma^2`;
+    * **inference** (otherwise): the same formula with ``moving_mean``/``moving_variance``; no
+      buffer is written.
+
+    ``training=None`` follows ``module.training`` (``model.train()``/``model.eval()`` play the part
+    of Keras's ``fit``/``predict``); ``trainable=False`` forces inference whatever ``training`` says
+    (Keras's fine-tuning rule) and freezes ``gamma``/``beta``.
+
+    A ``mask`` (the input's shape without ``axis``, size-1 dimensions broadcast, non-zero = True)
+    restricts the batch statistics to the masked-in positions; every position is still normalized.
+
+    Beyond Keras, deliberately: the variance is computed stably (never ``E[x^2] - E[x]^2``); a
+    training call with no element to take statistics from (empty batch, all-False mask) normalizes
+    with the moving statistics and leaves them untouched; a channel whose batch statistics are not
+    finite keeps its moving statistics; masks work on any axis; 16-bit inputs compute in float32
+    and return their own dtype. See the README's table of differences.
+
+    Args:
+        axis: the channel axis (negative counts from the end). Keras's default, ``-1``, is
+            channels-last; use ``1`` for PyTorch's ``(N, C, ...)`` layout.
+        momentum: fraction of the old moving value kept at each update (Keras convention: torch's
+            ``BatchNorm*d(momentum=m)`` corresponds to ``1 - m``). ``0 <= momentum <= 1``.
+        epsilon: added to the variance before the square root; ``> 0``.
+        center, scale: whether to learn ``beta`` / ``gamma``.
+        beta_initializer, gamma_initializer, moving_mean_initializer, moving_variance_initializer:
+            Keras names, Keras config dicts, :mod:`batchnorm.initializers` objects or callables
+            ``(shape, dtype) -> tensor``.
+        beta_regularizer, gamma_regularizer: ``None`` or as above from
+            :mod:`batchnorm.regularizers` (penalties in :attr:`losses`).
+        beta_constraint, gamma_constraint: ``None`` or as above from :mod:`batchnorm.constraints`
+            (applied by :meth:`apply_constraints`).
+        synchronized: use the statistics of the whole ``torch.distributed`` group in training.
+            Until synchronization lands, and always when ``torch.distributed`` is not initialized
+            or the group has one process, the statistics are local.
+        name: Keras's layer name (unique default ``batch_normalization[_N]``).
+        trainable: see above.
+        dtype: dtype of the weights and moving statistics: a floating ``torch.dtype``, a Keras
+            dtype-policy name or dict (``mixed_*`` policies mean float32). Default float32.
+        device: where weights are created by :meth:`build`; a lazy build uses the input's device.
+        process_group: the ``torch.distributed`` group that synchronizes (default: all ranks).
+
+    Example::
+
+        >>> bn = BatchNormalization()                    # channels-last, Keras defaults
+        >>> x = torch.randn(8, 10, 16) * 3 + 5
+        >>> y = bn(x, training=True)                     # builds: gamma, beta, moving stats of (16,)
+        >>> bool(y.mean((0, 1)).abs().max() < 1e-5)
+        True
+        >>> bn.moving_mean.shape
+        torch.Size([16])
+    """
+
+    def __init__(
+        self,
+        axis: int = -1,
+        momentum: float = 0.99,
+        epsilon: float = 1e-3,
+        center: bool = True,
+        scale: bool = True,
+        beta_initializer: Any = "zeros",
+        gamma_initializer: Any = "ones",
+        moving_mean_initializer: Any = "zeros",
+        moving_variance_initializer: Any = "ones",
+        beta_regularizer: Any = None,
+        gamma_regularizer: Any = None,
+        beta_constraint: Any = None,
+        gamma_constraint: Any = None,
+        synchronized: bool = False,
+        *,
+        name: str | None = None,
+        trainable: bool = True,
+        dtype: Any = None,
+        device: torch.device | str | None = None,
+        process_group: Any = None,
+    ) -> None:
+        super().__init__()
+        _check_type("axis", axis, int, "an int")
+        _check_type("momentum", momentum, numbers.Real, "a real number")
+        _check_type("epsilon", epsilon, numbers.Real, "a real number")
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], received momentum={momentum!r}")
+        if not 0.0 < epsilon < float("inf"):
+            raise ValueError(f"epsilon must be a positive finite number, received epsilon={epsilon!r}")
+        for flag_name, flag in (("center", center), ("scale", scale), ("synchronized", synchronized), ("trainable", trainable)):
+            _check_type(flag_name, flag, bool, "a bool")
+        if name is not None:
+            _check_type("name", name, str, "a str")
+        self.axis = axis
+        self.momentum = float(momentum)
+        self.epsilon = float(epsilon)
+        self.center = center
+        self.scale = scale
+        self.synchronized = synchronized
+        self.process_group = process_group
+        self.beta_initializer = initializers.get(beta_initializer, argument="beta_initializer")
+        self.gamma_initializer = initializers.get(gamma_initializer, argument="gamma_initializer")
+        self.moving_mean_initializer = initializers.get(moving_mean_initializer, argument="moving_mean_initializer")
+        self.moving_variance_initializer = initializers.get(moving_variance_initializer, argument="moving_variance_initializer")
+        self.beta_regularizer = regularizers.get(beta_regularizer, argument="beta_regularizer")
+        self.gamma_regularizer = regularizers.get(gamma_regularizer, argument="gamma_regularizer")
+        self.beta_constraint = constraints.get(beta_constraint, argument="beta_constraint")
+        self.gamma_constraint = constraints.get(gamma_constraint, argument="gamma_constraint")
+        self.name = name if name is not None else self._unique_name()
+        self._dtype_policy, self.weight_dtype = _resolve_dtype(dtype)
+        self._device = torch.device(device) if device is not None else None
+        self._trainable = trainable
+        self._rank: int | None = None  # fixed by build() or the first call
+        # Registered as empty slots now so that state_dict keys are exactly these names once built.
+        self.register_parameter("gamma", None)
+        self.register_parameter("beta", None)
+        self.register_buffer("moving_mean", None)
+        self.register_buffer("moving_variance", None)
+
+    @staticmethod
+    def _unique_name() -> str:
+        index = next(_name_counter)
+        return _KERAS_NAME if index == 0 else f"{_KERAS_NAME}_{index}"
+
+    # ----------------------------------------------------------------------------------- build
+
+    @property
+    def built(self) -> bool:
+        """Whether the weights exist (after :meth:`build`, the first call or ``load_state_dict``)."""
+        return self.moving_variance is not None
+
+    def _channel_axis(self, input_shape: tuple) -> int:
+        """``axis`` as a non-negative index into ``input_shape``; ``ValueError`` if out of range."""
+        rank = len(input_shape)
+        if not -rank <= self.axis < rank:
+            raise ValueError(
+                f"axis={self.axis} is out of range for inputs of shape {tuple(input_shape)} "
+                f"(rank {rank}): expected {-rank} <= axis < {rank}"
+            )
+        return self.axis % rank
+
+    def build(self, input_shape) -> None:
+        """Create ``gamma``, ``beta``, ``moving_mean`` and ``moving_variance`` for ``input_shape``.
+
+        Fixes the rank and the channel size ``C = input_shape[axis]``; weights go to ``device``
+        (default CPU) in ``dtype``.
+        """
+        input_shape = tuple(input_shape)
+        channels = input_shape[self._channel_axis(input_shape)]
+        if not isinstance(channels, int) or channels < 0:
+            raise ValueError(
+                f"the channel dimension must be known to build, received input_shape={input_shape} "
+                f"with axis={self.axis}"
+            )
+        self._create_weights(channels, self._device or torch.device("cpu"))
+        self._rank = len(input_shape)
+
+    def _create_weights(self, channels: int, device: torch.device) -> None:
+        def make(initializer: Callable) -> Tensor:
+            value = initializer((channels,), dtype=self.weight_dtype)
+            return torch.as_tensor(value, dtype=self.weight_dtype).to(device)
+
+        if self.scale:
+            self.gamma = nn.Parameter(make(self.gamma_initializer), requires_grad=self._trainable)
+        if self.center:
+            self.beta = nn.Parameter(make(self.beta_initializer), requires_grad=self._trainable)
+        self.moving_mean = make(self.moving_mean_initializer)
+        self.moving_variance = make(self.moving_variance_initializer)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        # Loading into an unbuilt layer builds it from the checkpoint's channel count; the rank is
+        # then fixed by the first call. Shape and key mismatches are reported by nn.Module.
+        if not self.built:
+            saved = [state_dict[prefix + key] for key in ("moving_variance", "moving_mean", "gamma", "beta") if prefix + key in state_dict]
+            if saved and saved[0].dim() == 1:
+                self._create_weights(saved[0].shape[0], self._device or torch.device("cpu"))
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    # ------------------------------------------------------------------------------- trainable
+
+    @property
+    def trainable(self) -> bool:
+        """False freezes ``gamma``/``beta`` and puts the layer in inference mode (as Keras).
+
+        Independent of ``train()``/``eval()``: ``model.train()`` does not unfreeze a frozen layer.
+        """
+        return self._trainable
+
+    @trainable.setter
+    def trainable(self, value: bool) -> None:
+        _check_type("trainable", value, bool, "a bool")
+        self._trainable = value
+        for parameter in (self.gamma, self.beta):
+            if parameter is not None:
+                parameter.requires_grad_(value)
+
+    # ------------------------------------------------------------------------------------ call
+
+    def _check_call(self, inputs: Tensor, mask: Tensor | None) -> int:
+        """Validate a call before anything is built or written; return the channel axis."""
+        axis = self._channel_axis(inputs.shape)
+        if self.built:
+            channels = self.moving_variance.shape[0]
+            if (self._rank is not None and inputs.dim() != self._rank) or inputs.shape[axis] != channels:
+                built_for = f"rank {self._rank}" if self._rank is not None else "any rank"
+                raise ValueError(
+                    f"this layer was built for inputs of {built_for} with {channels} channels on "
+                    f"axis {self.axis}, received inputs of shape {tuple(inputs.shape)}"
+                )
+        if mask is not None:
+            functional.check_mask(mask, inputs.shape, axis)
+        return axis
+
+    def forward(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
+        """Normalize ``inputs``; see the class docstring for the formulas and the mode rule."""
+        if inputs.is_complex():
+            raise TypeError(f"inputs must be real, received dtype={inputs.dtype}")
+        if mask is not None and not isinstance(mask, Tensor):
+            mask = torch.as_tensor(mask, device=inputs.device)
+        axis = self._check_call(inputs, mask)
+        if not self.built:
+            self._create_weights(inputs.shape[axis], self._device or inputs.device)
+        if self._rank is None:
+            self._rank = inputs.dim()
+
+        x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
+        dtype = functional.compute_dtype(x.dtype)
+        gamma, beta, moving_mean, moving_variance = (
+            None if t is None else t.to(dtype) for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance)
+        )
+        view = functional.channel_view(x, axis)
+        if training is None:
+            training = self.training
+        # An empty batch has no statistics: it is normalized like inference and updates nothing.
+        use_batch_statistics = training and self._trainable and view.numel() > 0
+
+        if not use_batch_statistics:
+            y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
+        elif mask is None:
+            y, mean, var = functional.batch_norm_training(view, gamma, beta, self.epsilon)
+            valid = mean.isfinite() & var.isfinite()
+            functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
+        else:
+            weights = functional.mask_weights(mask.to(x.device), x.shape, axis, dtype)
+            y, mean, var, count = functional.masked_batch_norm_training(
+                view, weights, gamma, beta, moving_mean, moving_variance, self.epsilon
+            )
+            valid = (count > 0) & mean.isfinite() & var.isfinite()
+            functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
+        return y.reshape(x.shape)
+
+    # -------------------------------------------------------------- regularizers, constraints
+
+    @property
+    def losses(self) -> list[Tensor]:
+        """Regularization penalties of ``gamma`` then ``beta`` (differentiable, recomputed on access)."""
+        pairs = ((self.gamma_regularizer, self.gamma), (self.beta_regularizer, self.beta))
+        return [regularizer(weight) for regularizer, weight in pairs if regularizer is not None and weight is not None]
+
+    @torch.no_grad()
+    def apply_constraints(self) -> None:
+        """Project ``gamma``/``beta`` in place with their constraints (Keras: after each optimizer step).
+
+        Recipe: ``optimizer.register_step_post_hook(lambda *_: batchnorm.apply_constraints(model))``.
+        """
+        pairs = ((self.gamma_constraint, self.gamma), (self.beta_constraint, self.beta))
+        for constraint, weight in pairs:
+            if constraint is not None and weight is not None:
+                weight.copy_(constraint(weight))
+
+    # -------------------------------------------------------------------------- configuration
+
+    def get_config(self) -> dict[str, Any]:
+        """Keras 3's configuration dict for this layer (JSON-serializable, loadable by Keras)."""
+        return {
+            "name": self.name,
+            "trainable": self._trainable,
+            "dtype": {
+                "module": "keras",
+                "class_name": "DTypePolicy",
+                "config": {"name": self._dtype_policy},
+                "registered_name": None,
+            },
+            "axis": self.axis,
+            "momentum": self.momentum,
+            "epsilon": self.epsilon,
+            "center": self.center,
+            "scale": self.scale,
+            "beta_initializer": initializers.serialize(self.beta_initializer),
+            "gamma_initializer": initializers.serialize(self.gamma_initializer),
+            "moving_mean_initializer": initializers.serialize(self.moving_mean_initializer),
+            "moving_variance_initializer": initializers.serialize(self.moving_variance_initializer),
+            "beta_regularizer": regularizers.serialize(self.beta_regularizer),
+            "gamma_regularizer": regularizers.serialize(self.gamma_regularizer),
+            "beta_constraint": constraints.serialize(self.beta_constraint),
+            "gamma_constraint": constraints.serialize(self.gamma_constraint),
+            "synchronized": self.synchronized,
+            **_RENORM_DEFAULTS,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> "BatchNormalization":
+        """Build a layer from :meth:`get_config` output or from Keras's own layer config.
+
+        Accepts the bare config or Keras's ``{"class_name": "BatchNormalization", "config": ...}``
+        wrapper. Unknown keys raise ``ValueError`` naming them; nothing named in the config is ever
+        imported, only built-in identifiers resolve.
+        """
+        if set(config) >= {"class_name", "config"}:
+            if config["class_name"] != "BatchNormalization":
+                raise ValueError(f"expected a BatchNormalization config, received class_name={config['class_name']!r}")
+            config = config["config"]
+        config = dict(config)
+        renorm = {key: config.pop(key, default) for key, default in _RENORM_DEFAULTS.items()}
+        if renorm["renorm"]:
+            raise ValueError("renorm=True (batch renormalization) is not implemented, received renorm=True")
+        if config.pop("activity_regularizer", None) is not None:
+            raise ValueError("activity_regularizer is not supported by batchnorm.BatchNormalization")
+        unknown = sorted(set(config) - _CONFIG_KEYS)
+        if unknown:
+            raise ValueError(f"unknown BatchNormalization config keys: {unknown}")
+        return cls(**config)
+
+
+_CONFIG_KEYS = {
+    "name", "trainable", "dtype", "axis", "momentum", "epsilon", "center", "scale",
+    "beta_initializer", "gamma_initializer", "moving_mean_initializer", "moving_variance_initializer",
+    "beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint", "synchronized",
+}
