@@ -16,15 +16,18 @@ def _broadcast_shape(x: Tensor, axis: int) -> list[int]:
 
 
 def batch_moments(x: Tensor, axis: int, mask: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:
-    """(mean, biased var, count) per channel in float64; ``mask`` has ``x``'s shape without ``axis``."""
+    """(mean, biased var, count) per channel in float64; ``mask`` has ``x``'s shape without ``axis``.
+
+    Masked-out values never enter the statistics (not even a NaN), as Keras's ``where(mask, x, 0)``.
+    """
     axis = axis % x.dim()
     x = x.double()
-    weights = torch.ones_like(x) if mask is None else (mask != 0).unsqueeze(axis).double().expand_as(x)
+    inside = torch.ones_like(x, dtype=torch.bool) if mask is None else (mask != 0).unsqueeze(axis).expand_as(x)
     dims = [d for d in range(x.dim()) if d != axis]
-    count = weights.sum(dims) if dims else weights.clone()
-    mean = (weights * x).sum(dims) / count if dims else x.clone()
-    centred = x - mean.reshape(_broadcast_shape(x, axis))
-    var = (weights * centred**2).sum(dims) / count if dims else torch.zeros_like(x)
+    count = inside.double().sum(dims) if dims else inside.double()
+    mean = torch.where(inside, x, 0).sum(dims) / count if dims else x.clone()
+    centred = torch.where(inside, x - mean.reshape(_broadcast_shape(x, axis)), 0)
+    var = (centred**2).sum(dims) / count if dims else torch.zeros_like(x)
     return mean, var, count
 
 

@@ -96,7 +96,7 @@ def test_load_state_dict_shape_mismatch_names_key_and_shapes():
     source, target = BatchNormalization(), BatchNormalization()
     source.build((2, 3))
     target.build((2, 4))
-    with pytest.raises(RuntimeError, match=r"gamma.*\[3\].*\[4\]"):
+    with pytest.raises(RuntimeError, match=r"gamma.*\(3,\).*\(4,\)"):
         target.load_state_dict(source.state_dict())
 
 

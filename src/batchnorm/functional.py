@@ -25,7 +25,7 @@ __all__ = [
     "channel_view",
     "compute_dtype",
     "check_mask",
-    "mask_weights",
+    "mask_view",
     "normalize",
     "batch_norm_training",
     "masked_batch_norm_training",
@@ -74,15 +74,14 @@ def check_mask(mask: Tensor, shape: torch.Size, axis: int) -> None:
         )
 
 
-def mask_weights(mask: Tensor, shape: torch.Size, axis: int, dtype: torch.dtype) -> Tensor:
-    """The mask as 0/1 weights shaped like the channel view of ``shape`` with ``C`` replaced by 1.
+def mask_view(mask: Tensor, shape: torch.Size, axis: int) -> Tensor:
+    """The mask as booleans shaped like the channel view of ``shape`` with ``C`` replaced by 1.
 
     Non-zero mask values count as True (as Keras 3.15, which casts the mask to bool).
     """
     full = list(shape)
     full[axis] = 1
-    weights = (mask != 0).unsqueeze(axis).expand(full)
-    return channel_view(weights, axis).to(dtype)
+    return channel_view((mask != 0).unsqueeze(axis).expand(full), axis)
 
 
 def normalize(
@@ -145,7 +144,7 @@ def batch_norm_training(
 
 def masked_batch_norm_training(
     view: Tensor,
-    weights: Tensor,
+    inside: Tensor,
     gamma: Tensor | None,
     beta: Tensor | None,
     fallback_mean: Tensor,
@@ -154,22 +153,27 @@ def masked_batch_norm_training(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Normalize with the statistics of the masked-in elements; return ``(y, mean, var, count)``.
 
-    With ``w`` the 0/1 ``weights`` (broadcast over channels): ``count = sum_R(w)``,
-    ``mean = sum_R(w * x) / count``, ``var = sum_R(w * (x - mean)**2) / count``, and every element
-    (masked-out ones included) is normalized with them. Where ``count == 0`` there are no
-    statistics: ``fallback_mean``/``fallback_var`` (the moving statistics) are used instead, and the
-    returned ``mean``/``var`` are the unusable zeros of an empty sum. Gradients flow through the
-    statistics to ``view``, ``gamma`` and ``beta``.
+    With ``inside`` the boolean mask view (broadcast over channels) and ``I`` the positions where
+    it is True: ``count = |I|``, ``mean = sum_I(x) / count``, ``var = sum_I((x - mean)**2) / count``,
+    and every element (masked-out ones included) is normalized with them. Values outside ``I``
+    never enter the statistics, not even a NaN. Where ``count == 0`` there are no statistics:
+    ``fallback_mean``/``fallback_var`` (the moving statistics) are used instead, and the returned
+    ``mean``/``var`` are the unusable zeros of an empty sum. Gradients flow through the statistics
+    to ``view``, ``gamma`` and ``beta``.
     """
     dtype = compute_dtype(view.dtype)
     x = view.to(dtype)
     dims = _reduced_dims(view)
-    count = weights.sum()
+    count = inside.sum(dtype=dtype)
     # Dividing by max(count, 1) keeps an empty mask's statistics (and their gradients) finite zeros.
     safe_count = count.clamp(min=1)
-    mean = (weights * x).sum(dims) / safe_count
-    centered = x - _per_channel(mean, view)
-    var = (weights * centered.square()).sum(dims) / safe_count
+    # Corrected two-pass algorithm: the first mean carries the rounding error of a float sum of
+    # large values; the mean of the deviations from it corrects both the mean and the variance.
+    rough_mean = torch.where(inside, x, 0).sum(dims) / safe_count
+    deviation = torch.where(inside, x - _per_channel(rough_mean, view), 0)
+    correction = deviation.sum(dims) / safe_count
+    mean = rough_mean + correction
+    var = (deviation.square().sum(dims) / safe_count - correction.square()).clamp(min=0)
     has_elements = count > 0
     used_mean = torch.where(has_elements, mean, fallback_mean)
     used_var = torch.where(has_elements, var, fallback_var)
@@ -193,10 +197,12 @@ def update_moving_statistics(
 ) -> None:
     """Keras's moving-average update, in place, only for the channels where ``valid`` is True.
 
-    ``moving = moving * momentum + batch * (1 - momentum)``, computed in the batch statistics'
-    dtype and stored in the buffer's. ``valid`` is a bool tensor (``(C,)`` or a scalar) so that the
+    ``moving = moving * momentum + batch * (1 - momentum)``, computed in the wider of the buffer's
+    and the statistics' dtypes and stored in the buffer's. ``valid`` is a bool tensor (``(C,)`` or a scalar) so that the
     decision stays on the device: no host synchronization.
     """
     for moving, batch in ((moving_mean, mean), (moving_variance, var)):
-        old = moving.to(batch.dtype)
+        # In the wider of the two dtypes: a float64 buffer is not rounded through float32.
+        dtype = torch.promote_types(moving.dtype, batch.dtype)
+        old, batch = moving.to(dtype), batch.to(dtype)
         moving.copy_(torch.where(valid, old * momentum + batch * (1.0 - momentum), old))

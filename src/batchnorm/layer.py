@@ -142,7 +142,7 @@ class BatchNormalization(nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        _check_type("axis", axis, int, "an int")
+        _check_type("axis", axis, numbers.Integral, "an int")
         _check_type("momentum", momentum, numbers.Real, "a real number")
         _check_type("epsilon", epsilon, numbers.Real, "a real number")
         if not 0.0 <= momentum <= 1.0:
@@ -153,7 +153,7 @@ class BatchNormalization(nn.Module):
             _check_type(flag_name, flag, bool, "a bool")
         if name is not None:
             _check_type("name", name, str, "a str")
-        self.axis = axis
+        self.axis = int(axis)  # NumPy integers are ints too
         self.momentum = float(momentum)
         self.epsilon = float(epsilon)
         self.center = center
@@ -172,7 +172,7 @@ class BatchNormalization(nn.Module):
         self._dtype_policy, self.weight_dtype = _resolve_dtype(dtype)
         self._device = torch.device(device) if device is not None else None
         self._trainable = trainable
-        self._rank: int | None = None  # fixed by build() or the first call
+        self._built_shape: tuple | None = None  # fixes the rank: set by build() or the first call
         # Registered as empty slots now so that state_dict keys are exactly these names once built.
         self.register_parameter("gamma", None)
         self.register_parameter("beta", None)
@@ -215,7 +215,7 @@ class BatchNormalization(nn.Module):
                 f"with axis={self.axis}"
             )
         self._create_weights(channels, self._device or torch.device("cpu"))
-        self._rank = len(input_shape)
+        self._built_shape = input_shape
 
     def _create_weights(self, channels: int, device: torch.device) -> None:
         def make(initializer: Callable) -> Tensor:
@@ -230,12 +230,27 @@ class BatchNormalization(nn.Module):
         self.moving_variance = make(self.moving_variance_initializer)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # Loading into an unbuilt layer builds it from the checkpoint's channel count; the rank is
-        # then fixed by the first call. Shape and key mismatches are reported by nn.Module.
-        if not self.built:
-            saved = [state_dict[prefix + key] for key in ("moving_variance", "moving_mean", "gamma", "beta") if prefix + key in state_dict]
-            if saved and saved[0].dim() == 1:
-                self._create_weights(saved[0].shape[0], self._device or torch.device("cpu"))
+        # All or nothing: nn.Module would copy the well-shaped entries before reporting the others.
+        # An unbuilt layer is built from the checkpoint's channel count (its rank is then fixed by
+        # the first call).
+        names = [name for name, flag in _WEIGHT_NAMES if flag(self)]
+        saved = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
+        problems = [f"{prefix}{name} has shape {tuple(t.shape)}, expected a vector" for name, t in saved.items() if t.dim() != 1]
+        if not problems and saved:
+            reference = self.moving_variance if self.built else saved.get("moving_variance", next(iter(saved.values())))
+            expected = reference.shape[0]
+            problems = [
+                f"size mismatch for {prefix}{name}: copying a tensor of shape {tuple(t.shape)} from the "
+                f"checkpoint, the shape in the layer is ({expected},)"
+                for name, t in saved.items() if t.shape[0] != expected
+            ]
+        missing = [prefix + name for name in names if name not in saved] if strict else []
+        if problems or missing:
+            error_msgs.extend(problems)
+            missing_keys.extend(missing)
+            return
+        if saved and not self.built:
+            self._create_weights(expected, self._device or torch.device("cpu"))
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------------------- trainable
@@ -260,18 +275,23 @@ class BatchNormalization(nn.Module):
 
     def _check_call(self, inputs: Tensor, mask: Tensor | None) -> int:
         """Validate a call before anything is built or written; return the channel axis."""
+        if self._built_shape is not None and inputs.dim() != len(self._built_shape):
+            self._raise_shape_mismatch(inputs)
         axis = self._channel_axis(inputs.shape)
-        if self.built:
-            channels = self.moving_variance.shape[0]
-            if (self._rank is not None and inputs.dim() != self._rank) or inputs.shape[axis] != channels:
-                built_for = f"rank {self._rank}" if self._rank is not None else "any rank"
-                raise ValueError(
-                    f"this layer was built for inputs of {built_for} with {channels} channels on "
-                    f"axis {self.axis}, received inputs of shape {tuple(inputs.shape)}"
-                )
+        if self.built and inputs.shape[axis] != self.moving_variance.shape[0]:
+            self._raise_shape_mismatch(inputs)
         if mask is not None:
             functional.check_mask(mask, inputs.shape, axis)
         return axis
+
+    def _raise_shape_mismatch(self, inputs: Tensor) -> None:
+        channels = self.moving_variance.shape[0]
+        built_shape = self._built_shape
+        built_for = f"shape {built_shape} (rank {len(built_shape)})" if built_shape is not None else "any rank"
+        raise ValueError(
+            f"this layer was built for inputs of {built_for} with {channels} channels on axis "
+            f"{self.axis}, received inputs of shape {tuple(inputs.shape)}"
+        )
 
     def forward(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
         """Normalize ``inputs``; see the class docstring for the formulas and the mode rule."""
@@ -282,8 +302,8 @@ class BatchNormalization(nn.Module):
         axis = self._check_call(inputs, mask)
         if not self.built:
             self._create_weights(inputs.shape[axis], self._device or inputs.device)
-        if self._rank is None:
-            self._rank = inputs.dim()
+        if self._built_shape is None:
+            self._built_shape = tuple(inputs.shape)
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
         dtype = functional.compute_dtype(x.dtype)
@@ -303,9 +323,9 @@ class BatchNormalization(nn.Module):
             valid = mean.isfinite() & var.isfinite()
             functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
         else:
-            weights = functional.mask_weights(mask.to(x.device), x.shape, axis, dtype)
+            inside = functional.mask_view(mask.to(x.device), x.shape, axis)
             y, mean, var, count = functional.masked_batch_norm_training(
-                view, weights, gamma, beta, moving_mean, moving_variance, self.epsilon
+                view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon
             )
             valid = (count > 0) & mean.isfinite() & var.isfinite()
             functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
@@ -383,6 +403,14 @@ class BatchNormalization(nn.Module):
             raise ValueError(f"unknown BatchNormalization config keys: {unknown}")
         return cls(**config)
 
+
+# The weights in Keras's creation order, each with whether this layer has it.
+_WEIGHT_NAMES = (
+    ("gamma", lambda layer: layer.scale),
+    ("beta", lambda layer: layer.center),
+    ("moving_mean", lambda layer: True),
+    ("moving_variance", lambda layer: True),
+)
 
 _CONFIG_KEYS = {
     "name", "trainable", "dtype", "axis", "momentum", "epsilon", "center", "scale",
