@@ -1,0 +1,378 @@
+"""``python -m batchnorm demo``: what BatchNormalization is for, shown on a small digit classifier.
+
+Trains a channels-last (NHWC) convolutional network whose normalization layers are
+``BatchNormalization(axis=-1)`` on the 8x8 handwritten digits that ship with scikit-learn
+(no download, CPU only), then shows in the terminal:
+
+(a) test accuracy in inference mode (moving statistics) against the same model forced into
+    training mode on small test batches (batch statistics of a few samples are noisy);
+(b) a fine-tuning run of a new head with the backbone frozen by ``set_trainable(backbone, False)``,
+    in ``model.train()`` mode, whose moving statistics stay bit-for-bit unchanged;
+(c) a PNG figure: the training curve, and one layer's moving mean/variance converging to the
+    population statistics of that layer's inputs.
+
+Needs the ``demo`` extra (matplotlib, scikit-learn, tqdm).
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from batchnorm import BatchNormalization, set_trainable
+
+__all__ = ["run_demo", "build_model", "bn_buffers", "buffers_equal"]
+
+BATCH_SIZE = 16          # training batch size (84 steps per epoch)
+MAX_LR = 1e-3            # peak of the one-cycle learning-rate schedule (Adam)
+SMALL_BATCH = 4          # test batch size for the "forced training mode" comparison
+FINETUNE_STEPS = 60      # steps of the new head on the frozen backbone
+TRACKED_LAYER = 0        # index (among the BatchNormalization layers) of the layer in the figure:
+                         # the first, so its inputs depend on the conv weights in front of it only
+TRACKED_CHANNELS = 3     # how many of its channels the figure shows
+FIGURE_NAME = "batchnorm_demo.png"
+
+
+# --------------------------------------------------------------------------------------- model
+
+class NHWC(nn.Module):
+    """Apply an NCHW module (conv, pooling) to a channels-last NHWC tensor.
+
+    ``x.permute(0, 3, 1, 2)`` of a contiguous NHWC tensor is an NCHW tensor in
+    ``torch.channels_last`` memory format, which convolutions accept and return as is,
+    so neither permute copies.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.inner = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+
+
+class GlobalAvgPoolNHWC(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(1, 2))
+
+
+def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
+    # Conv without bias: the BatchNormalization's beta plays that part (as usual in Keras).
+    return [NHWC(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)),
+            BatchNormalization(axis=-1), nn.ReLU()]
+
+
+def build_model(n_classes: int = 10) -> nn.Sequential:
+    """``Sequential(backbone, head)``; every activation is channels-last, every
+    BatchNormalization normalizes the last axis (on 4-D maps and on 2-D features)."""
+    backbone = nn.Sequential(
+        *_conv_block(1, 32),                 # (N, 8, 8, 1)  -> (N, 8, 8, 32)
+        *_conv_block(32, 64),                # -> (N, 8, 8, 64)
+        NHWC(nn.MaxPool2d(2)),               # -> (N, 4, 4, 64)
+        *_conv_block(64, 64),                # -> (N, 4, 4, 64)
+        GlobalAvgPoolNHWC(),                 # -> (N, 64)
+        nn.Linear(64, 64, bias=False),
+        BatchNormalization(axis=-1),         # on (N, 64): 2-D features
+        nn.ReLU(),
+    )
+    head = nn.Linear(64, n_classes)
+    return nn.Sequential(backbone, head)
+
+
+def bn_layers(module: nn.Module) -> list[BatchNormalization]:
+    return [m for m in module.modules() if isinstance(m, BatchNormalization)]
+
+
+def bn_buffers(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the moving statistics of every BatchNormalization in ``module``."""
+    out = {}
+    for i, layer in enumerate(bn_layers(module)):
+        out[f"bn{i}.moving_mean"] = layer.moving_mean.detach().clone()
+        out[f"bn{i}.moving_variance"] = layer.moving_variance.detach().clone()
+    return out
+
+
+def buffers_equal(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor]) -> bool:
+    """True iff both snapshots have the same keys and every buffer is bit-for-bit equal."""
+    return before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+# ---------------------------------------------------------------------------------------- data
+
+def _load_digits(seed: int):
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    x = torch.tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(-1)  # (N, 8, 8, 1)
+    y = torch.tensor(digits.target, dtype=torch.long)
+    idx_train, idx_test = train_test_split(
+        torch.arange(len(y)).numpy(), test_size=0.25, stratify=digits.target, random_state=seed)
+    idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
+    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+
+
+def _batches(n: int, batch_size: int, generator: torch.Generator):
+    """Shuffled index batches; drops the last incomplete batch (so no tiny batch feeds the statistics)."""
+    perm = torch.randperm(n, generator=generator)
+    for start in range(0, n - batch_size + 1, batch_size):
+        yield perm[start:start + batch_size]
+
+
+@torch.no_grad()
+def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    correct = 0
+    for start in range(0, len(y), batch_size):
+        logits = model(x[start:start + batch_size])
+        correct += (logits.argmax(-1) == y[start:start + batch_size]).sum().item()
+    return correct / len(y)
+
+
+@torch.no_grad()
+def _population_stats(model: nn.Module, layer: BatchNormalization, x: torch.Tensor):
+    """Per-channel mean and (biased) variance of ``layer``'s inputs over all of ``x``,
+    with the model's current weights in front of it (captured by a forward pre-hook)."""
+    seen = []
+
+    def hook(_module, args):
+        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
+
+    handle = layer.register_forward_pre_hook(hook)
+    was_training = model.training
+    model.eval()   # inference: no buffer is written while we look
+    try:
+        model(x)
+    finally:
+        handle.remove()
+        model.train(was_training)
+    inputs = torch.cat(seen)
+    return inputs.mean(0), inputs.var(0, unbiased=False)
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+def _pct(a: float) -> str:
+    return f"{100 * a:5.1f} %"
+
+
+def run_demo(epochs: int = 25, seed: int = 0, out_dir: str | Path = "demo-out",
+             progress: bool = True) -> dict:
+    """Train, compare, fine-tune, draw; print a short report and return its figures.
+
+    Returns a dict with: ``epochs``, ``seed``, ``train_seconds``, ``final_train_loss``,
+    ``test_accuracy`` (inference mode), ``train_mode_accuracy_small_batch`` (training mode, test
+    batches of ``small_batch``), ``train_mode_accuracy_full_batch`` (training mode, the whole test
+    set as one batch), ``small_batch``, ``finetune_accuracy``, ``finetune_steps``,
+    ``frozen_unchanged`` (bool: every moving statistic of the frozen backbone bit-for-bit equal
+    after fine-tuning), ``frozen_weights_unchanged`` (bool, same for its parameters),
+    ``frozen_buffers_checked``, ``png`` (path, str), ``history`` (per-epoch lists).
+    """
+    if epochs < 1:
+        raise ValueError(f"epochs must be >= 1, received epochs={epochs!r}")
+    from tqdm import tqdm
+
+    torch.manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out_dir = Path(out_dir)
+
+    x_train, y_train, x_test, y_test = _load_digits(seed)
+    model = build_model()
+    model.eval()
+    with torch.no_grad():
+        model(x_train[:2])            # builds the lazily created weights; eval: no buffer written
+    backbone, head = model[0], model[1]
+    layers = bn_layers(model)
+    tracked = layers[TRACKED_LAYER]
+
+    print("batchnorm demo: a small channels-last CNN with BatchNormalization(axis=-1), "
+          "on scikit-learn's 8x8 digits, on CPU")
+    print(f"  {len(y_train)} training / {len(y_test)} test images; "
+          f"{len(layers)} BatchNormalization layers; "
+          f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+
+    # ---- training -------------------------------------------------------------------------
+    steps_per_epoch = len(y_train) // BATCH_SIZE
+    total_steps = epochs * steps_per_epoch
+    optimizer = torch.optim.Adam(model.parameters())   # lr set by the one-cycle schedule
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=MAX_LR, total_steps=total_steps)
+    history = {"epoch": [], "train_loss": [], "train_accuracy": [], "test_accuracy": []}
+    trace_mean = [tracked.moving_mean.detach().clone()]       # tracked layer, after each step
+    trace_var = [tracked.moving_variance.detach().clone()]
+
+    bar = tqdm(total=total_steps, unit="step", disable=not progress, desc="training",
+               dynamic_ncols=True)
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        model.train()
+        loss_sum = correct = seen = 0
+        for idx in _batches(len(y_train), BATCH_SIZE, gen):
+            logits = model(x_train[idx])
+            loss = F.cross_entropy(logits, y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+            loss_sum += loss.item() * len(idx)
+            correct += (logits.argmax(-1) == y_train[idx]).sum().item()
+            seen += len(idx)
+            trace_mean.append(tracked.moving_mean.detach().clone())
+            trace_var.append(tracked.moving_variance.detach().clone())
+            bar.update(1)
+        model.eval()
+        test_acc = _accuracy(model, x_test, y_test, 256)
+        history["epoch"].append(epoch)
+        history["train_loss"].append(loss_sum / seen)
+        history["train_accuracy"].append(correct / seen)
+        history["test_accuracy"].append(test_acc)
+        bar.set_postfix_str(f"epoch {epoch}/{epochs}, loss {loss_sum / seen:.3f}, "
+                            f"test acc {100 * test_acc:.1f}%")
+    train_seconds = time.perf_counter() - t0
+    bar.close()
+    print(f"Trained {epochs} epoch{'s' * (epochs != 1)} ({total_steps} steps, batches of "
+          f"{BATCH_SIZE}) in {train_seconds:.1f} s; final training loss "
+          f"{history['train_loss'][-1]:.3f}.")
+
+    # ---- (a) inference mode vs batch statistics --------------------------------------------
+    model.eval()
+    acc_infer = _accuracy(model, x_test, y_test, 256)
+    forced = copy.deepcopy(model).train()   # a copy: training-mode calls update moving statistics
+    acc_small = _accuracy(forced, x_test, y_test, SMALL_BATCH)
+    acc_full = _accuracy(forced, x_test, y_test, len(y_test))
+    print()
+    print("(a) Test accuracy, inference mode vs the same model forced into training mode")
+    print(f"    {_pct(acc_infer)}  model.eval(): moving statistics, so a prediction does not "
+          "depend on its batch-mates")
+    print(f"    {_pct(acc_full)}  model.train(), the {len(y_test)} test images as one batch: "
+          "its statistics are close to the moving ones")
+    print(f"    {_pct(acc_small)}  model.train(), batches of {SMALL_BATCH}: the statistics of "
+          f"{SMALL_BATCH} images are noisy, so are the outputs")
+    if acc_infer < acc_full - 0.02:
+        print(f"    (inference trails: the moving statistics still remember their start values; "
+              f"momentum {tracked.momentum:g} averages\n     over ~{1 / (1 - tracked.momentum):.0f} "
+              "steps. Train for more epochs.)")
+
+    # ---- (b) fine-tune a new head on a frozen backbone --------------------------------------
+    set_trainable(backbone, False)
+    new_head = nn.Linear(head.in_features, head.out_features)
+    finetuned = nn.Sequential(backbone, new_head)
+    finetuned.train()   # the usual training loop; the frozen layers must stay in inference mode
+    before = bn_buffers(backbone)
+    weights_before = [p.detach().clone() for p in backbone.parameters()]
+    opt = torch.optim.Adam([p for p in finetuned.parameters() if p.requires_grad], lr=1e-2)
+    step = 0
+    while step < FINETUNE_STEPS:
+        for idx in _batches(len(y_train), BATCH_SIZE, gen):
+            loss = F.cross_entropy(finetuned(x_train[idx]), y_train[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+            if step == FINETUNE_STEPS:
+                break
+    after = bn_buffers(backbone)
+    frozen_unchanged = buffers_equal(before, after)
+    weights_unchanged = all(torch.equal(a, b) for a, b in zip(weights_before, backbone.parameters()))
+    finetuned.eval()
+    acc_finetune = _accuracy(finetuned, x_test, y_test, 256)
+    n_frozen = len(bn_layers(backbone))
+    print()
+    print(f"(b) A new head trained for {FINETUNE_STEPS} steps under model.train(), backbone frozen "
+          "by set_trainable(backbone, False)")
+    print(f"    {_pct(acc_finetune)}  test accuracy of the new head on the frozen backbone's features")
+    verdict = "    YES    " if frozen_unchanged else "    NO!    "
+    print(f"{verdict}moving statistics of the {n_frozen} frozen layers bit-for-bit unchanged "
+          f"(torch.equal on {len(after)} buffers)")
+    if not weights_unchanged:
+        print("    NO!    the frozen backbone's weights changed")
+
+    # ---- (c) figure ---------------------------------------------------------------------------
+    pop_mean, pop_var = _population_stats(model, tracked, x_train)
+    trace_mean, trace_var = torch.stack(trace_mean), torch.stack(trace_var)
+    png = _draw_figure(out_dir / FIGURE_NAME, history, trace_mean, trace_var, pop_mean, pop_var,
+                       steps_per_epoch, tracked.momentum)
+    gap = ((trace_mean[-1] - pop_mean).abs() / pop_var.sqrt()).max().item()
+    print()
+    print(f"(c) Figure: {png}")
+    print("    the training curve, and the 1st BatchNormalization layer's moving mean/variance "
+          "reaching the\n    mean/variance of its inputs over the training set "
+          f"(final gap in the means: {gap:.2g} standard deviations)")
+
+    return {
+        "epochs": epochs,
+        "seed": seed,
+        "train_seconds": train_seconds,
+        "final_train_loss": history["train_loss"][-1],
+        "test_accuracy": acc_infer,
+        "train_mode_accuracy_small_batch": acc_small,
+        "train_mode_accuracy_full_batch": acc_full,
+        "small_batch": SMALL_BATCH,
+        "finetune_accuracy": acc_finetune,
+        "finetune_steps": FINETUNE_STEPS,
+        "frozen_unchanged": frozen_unchanged,
+        "frozen_weights_unchanged": weights_unchanged,
+        "frozen_buffers_checked": len(after),
+        "png": str(png),
+        "history": history,
+    }
+
+
+def _draw_figure(path: Path, history: dict, trace_mean: torch.Tensor, trace_var: torch.Tensor,
+                 pop_mean: torch.Tensor, pop_var: torch.Tensor, steps_per_epoch: int,
+                 momentum: float) -> Path:
+    # Figure + Agg canvas directly: no pyplot, so no global backend is switched or window opened.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    # Channels spread over the range of population means, so their curves don't overlap.
+    order = torch.argsort(pop_mean)
+    picks = [int(order[round(i * (len(order) - 1) / max(TRACKED_CHANNELS - 1, 1))])
+             for i in range(TRACKED_CHANNELS)]
+    steps = torch.arange(len(trace_mean)).numpy()
+    epochs_axis = [s / steps_per_epoch for s in steps]
+
+    fig = Figure(figsize=(15, 4.9), layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_loss, ax_mean, ax_var = fig.subplots(1, 3)
+
+    ax_loss.plot(history["epoch"], history["train_loss"], "o-", color="tab:blue", label="training loss")
+    ax_loss.set_xlabel("epoch")
+    ax_loss.set_ylabel("cross-entropy (training)", color="tab:blue")
+    ax_loss.set_yscale("log")
+    ax_acc = ax_loss.twinx()
+    ax_acc.plot(history["epoch"], [100 * a for a in history["train_accuracy"]], "s--",
+                color="tab:orange", label="training accuracy (batch statistics)")
+    ax_acc.plot(history["epoch"], [100 * a for a in history["test_accuracy"]], "^-",
+                color="tab:green",
+                label="test accuracy (inference mode: moving\nstatistics, which lag in the first epochs)")
+    ax_acc.set_ylabel("accuracy (%)")
+    lines = ax_loss.get_lines() + ax_acc.get_lines()
+    ax_loss.legend(lines, [ln.get_label() for ln in lines], loc="upper center", fontsize=8,
+                   bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    ax_loss.set_title("Training curve")
+
+    colors = ["tab:red", "tab:purple", "tab:cyan", "tab:olive", "tab:brown"]
+    for ax, trace, pop in ((ax_mean, trace_mean, pop_mean), (ax_var, trace_var, pop_var)):
+        for k, ch in enumerate(picks):
+            c = colors[k % len(colors)]
+            ax.plot(epochs_axis, trace[:, ch].numpy(), color=c, lw=1.4, label=f"channel {ch}")
+            ax.axhline(float(pop[ch]), color=c, ls="--", lw=1, alpha=0.8)
+        ax.set_xlabel("epoch")
+    ax_var.set_yscale("log")
+    ax_mean.set_ylabel("moving_mean")
+    ax_var.set_ylabel("moving_variance (log scale)")
+    ax_var.plot([], [], color="gray", ls="--", lw=1, label="population value")
+    ax_var.legend(fontsize=8, loc="upper right")
+    ax_mean.set_title(f"1st BatchNormalization: moving_mean (momentum {momentum:g})")
+    ax_var.set_title("1st BatchNormalization: moving_variance")
+    fig.suptitle("Solid: the layer's moving statistics during training, for 3 of its channels.   "
+                 "Dashed: mean/variance of the layer's inputs over the whole training set, "
+                 "with the final weights in front of it.", fontsize=9)
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
