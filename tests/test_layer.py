@@ -280,3 +280,30 @@ def test_compiled_layer_has_no_graph_breaks_and_matches_eager(masked):
     for key, value in eager.state_dict().items():
         torch.testing.assert_close(compiled_layer.state_dict()[key], value)
     assert not torch.equal(compiled_layer.moving_mean, torch.zeros(4))
+
+
+# --------------------------------------------------------------------------------- configuration
+
+
+@pytest.mark.parametrize(
+    "dtype,weight_dtype,policy",
+    [
+        ("float64", torch.float64, "float64"),
+        (torch.bfloat16, torch.bfloat16, "bfloat16"),
+        ({"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_float16"}, "registered_name": None}, torch.float32, "mixed_float16"),
+    ],
+)
+def test_from_config_accepts_dtype_as_name_torch_dtype_or_policy_dict(dtype, weight_dtype, policy):
+    config = {**BatchNormalization(name="bn").get_config(), "dtype": dtype}
+    layer = BatchNormalization.from_config(config)
+    layer.build((2, 3))
+    assert layer.gamma.dtype == weight_dtype
+    assert layer.get_config()["dtype"]["config"]["name"] == policy
+
+
+def test_config_is_json_and_round_trips():
+    import json
+
+    layer = BatchNormalization(axis=1, momentum=0.9, epsilon=0.01, gamma_regularizer="l2", beta_constraint="non_neg", name="x")
+    config = json.loads(json.dumps(layer.get_config()))
+    assert BatchNormalization.from_config(config).get_config() == layer.get_config()
