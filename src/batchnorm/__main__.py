@@ -27,6 +27,13 @@ def _run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_bench(args: argparse.Namespace) -> int:
+    from batchnorm.bench import run
+
+    run(args)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m batchnorm",
@@ -47,6 +54,16 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="demo-out", metavar="DIR",
                       help="directory for the figure (default: %(default)s)")
     demo.set_defaults(func=_run_demo)
+
+    from batchnorm.bench import add_arguments  # torch only: no optional dependency
+
+    bench = commands.add_parser(
+        "bench", help="time the layer against torch's native batch norm, Keras 3 and a plain copy",
+        description="Time BatchNormalization side by side, in one process, with "
+                    "torch.nn.functional.batch_norm on its best zero-copy layout, Keras 3's layer on "
+                    "the torch backend and the copy floor; print a table (and JSON with --json).")
+    add_arguments(bench)
+    bench.set_defaults(func=_run_bench)
     return parser
 
 

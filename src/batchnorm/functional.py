@@ -99,30 +99,72 @@ def normalize(
     )
 
 
-class _BatchNormTraining(torch.autograd.Function):
-    """Batch normalization with batch statistics: stable moments, native kernels both ways.
+# PyTorch's eager CPU kernel for channels-last views computes the variance as E[x^2] - E[x]^2,
+# whose relative error grows like 5e-11 * (mean / std)^2 (measured: 1e-5 up to mean/std = 1000,
+# 5e-3 at 1e4). Beyond this ratio of mean^2 to variance its statistics are recomputed stably.
+_TRUSTED_MEAN_SQUARE_TO_VARIANCE = 2.0**16
 
-    Forward: biased mean and variance by Welford's algorithm (``torch.var_mean``), never by
-    ``E[x^2] - E[x]^2`` (PyTorch's CPU channels-last training kernel uses the latter and loses
-    every digit when ``|mean| >> std``), then the native inference kernel with those statistics.
-    Backward: PyTorch's own training backward, given the same statistics.
+
+def _native_training(view: Tensor, gamma, beta, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
+    """PyTorch's training kernel, with its batch statistics caught in scratch running buffers."""
+    channels = view.shape[1]
+    n = view.numel() // channels
+    mean = torch.zeros(channels, dtype=compute_dtype(view.dtype), device=view.device)
+    var = torch.zeros_like(mean)
+    # momentum=1: the "running" buffers receive exactly this batch's mean and unbiased variance.
+    y = torch.batch_norm(view, gamma, beta, mean, var, True, 1.0, epsilon, torch.backends.cudnn.enabled)
+    # Keras's variance is the biased one; with a single element it is 0 (the kernel gives 0/0).
+    return y, mean, var.mul_((n - 1) / n) if n > 1 else var.zero_()
+
+
+def _moments(view: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance by Welford's algorithm, accumulated in ``accumulate``."""
+    var, mean = torch.var_mean(view.to(accumulate), dim=_reduced_dims(view), correction=0)
+    stats_dtype = compute_dtype(view.dtype)
+    return mean.to(stats_dtype), var.to(stats_dtype)
+
+
+def _trusted(mean: Tensor, var: Tensor) -> bool:
+    """Whether E[x^2] - E[x]^2 is accurate for these statistics (NaN/Inf are left as they are).
+
+    Not asked for a single element per channel, whose variance is exactly 0.
+    """
+    return not bool((mean.square() > _TRUSTED_MEAN_SQUARE_TO_VARIANCE * var).any())
+
+
+class _BatchNormTraining(torch.autograd.Function):
+    """Batch normalization with batch statistics: PyTorch's native kernels both ways.
+
+    Forward: the native training kernel gives the output and the statistics in its own passes.
+    Where that kernel is PyTorch's eager CPU one and the statistics show a mean too large for its
+    one-pass variance (see ``_TRUSTED_MEAN_SQUARE_TO_VARIANCE``), the moments are recomputed by
+    Welford's algorithm (``torch.var_mean``) and the output by the inference kernel. The check reads
+    a CPU tensor, which costs no device synchronization; CUDA kernels use Welford already, and under
+    ``torch.compile`` Inductor lowers the op to a Welford reduction, so neither needs it.
+    Backward: PyTorch's own training backward, given the statistics used.
     """
 
     @staticmethod
     def forward(ctx, view: Tensor, gamma, beta, epsilon: float):
-        stats_dtype = compute_dtype(view.dtype)
-        stats_input = view if view.dtype == stats_dtype else view.to(stats_dtype)
-        var, mean = torch.var_mean(stats_input, dim=_reduced_dims(view), correction=0)
-        y = normalize(view, mean, var, gamma, beta, epsilon)
-        invstd = torch.rsqrt(var + epsilon)
-        ctx.save_for_backward(view, gamma, mean, invstd)
+        if torch.compiler.is_compiling():
+            # Inductor's float32 reductions accumulate sequentially and lose the mean of large-offset
+            # data: accumulate in float64 inside the fused reduction (no float64 copy is made).
+            mean, var = _moments(view, torch.float64)
+            y = normalize(view, mean, var, gamma, beta, epsilon)
+        else:
+            y, mean, var = _native_training(view, gamma, beta, epsilon)
+            if view.device.type == "cpu" and view.numel() > view.shape[1] and not _trusted(mean, var):
+                mean, var = _moments(view, compute_dtype(view.dtype))
+                y = normalize(view, mean, var, gamma, beta, epsilon)
+        ctx.save_for_backward(view, gamma, mean, var)
         ctx.epsilon = epsilon
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var
 
     @staticmethod
     def backward(ctx, grad_y: Tensor, _grad_mean, _grad_var):
-        view, gamma, mean, invstd = ctx.saved_tensors
+        view, gamma, mean, var = ctx.saved_tensors
+        invstd = torch.rsqrt(var + ctx.epsilon)
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         grad_x, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
             grad_y.reshape(view.shape), view, gamma, None, None, mean, invstd, True, ctx.epsilon, wanted
@@ -142,6 +184,109 @@ def batch_norm_training(
     return _BatchNormTraining.apply(view, gamma, beta, epsilon)
 
 
+def _channel_sums(view: Tensor) -> tuple[Tensor, Tensor]:
+    """``(sum_R(x), sum_R(x**2))`` per channel in one native pass, without a temporary.
+
+    PyTorch's inference-mode batch-norm backward computes exactly these two reductions,
+    ``sum(dy)`` and ``sum(dy * (x - mean) * invstd)``, fused and vectorized for every layout;
+    with ``dy = x``, ``mean = 0`` and ``invstd = 1`` they are the sums wanted.
+    """
+    channels = view.shape[1]
+    zeros = torch.zeros(channels, dtype=compute_dtype(view.dtype), device=view.device)
+    _, sum_squares, sums = torch.ops.aten.native_batch_norm_backward(
+        view, view, None, zeros, torch.ones_like(zeros), None, None, False, 0.0, [False, True, True]
+    )
+    return sums, sum_squares
+
+
+def _masked_moments(masked: Tensor, weights: Tensor, count: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of the masked-in elements by the corrected two-pass algorithm.
+
+    ``masked`` holds the input with masked-out positions zeroed. The deviations from a rough mean,
+    zeroed again outside the mask, give the correction of that mean's rounding error and the
+    variance without cancellation, for any offset.
+    """
+    dims = _reduced_dims(masked)
+    safe_count = count.clamp(min=1).to(accumulate)
+    deviation = masked.to(accumulate)
+    rough_mean = deviation.sum(dims) / safe_count
+    deviation = (deviation - _per_channel(rough_mean, masked)) * weights
+    correction = deviation.sum(dims) / safe_count
+    var = (deviation.square_().sum(dims) / safe_count - correction.square()).clamp(min=0)
+    stats_dtype = compute_dtype(masked.dtype)
+    return (rough_mean + correction).to(stats_dtype), var.to(stats_dtype)
+
+
+class _MaskedBatchNormTraining(torch.autograd.Function):
+    """Batch normalization with the statistics of the masked-in elements, explicit backward.
+
+    Forward: the input with masked-out positions zeroed (the one temporary), then, like the
+    unmasked path, one fused native pass for ``sum(x)`` and ``sum(x**2)`` on PyTorch's eager CPU
+    kernels, with the same accuracy check and a stable fallback: the corrected two-pass algorithm
+    (in float64 under ``torch.compile``; always on other devices, where a check would cost a
+    synchronization). Masked-out values never enter the statistics, whatever they hold (as Keras's
+    ``where(mask, x, 0)``). The output is the native inference kernel's.
+
+    Backward, with ``w`` the 0/1 weights, ``n = sum(w)``, ``xhat = (x - mean) * invstd`` and sums
+    over every element of a channel (all are normalized, so all depend on the statistics)::
+
+        dbeta  = sum(dy)                  dgamma = sum(dy * xhat)
+        dx     = gamma * invstd * (dy - w * (dbeta + xhat * dgamma) / n)
+
+    The first term and both sums are PyTorch's native inference backward; the masked correction is
+    affine in ``x`` per channel, so it costs one temporary and one pass. Where ``n == 0`` the moving
+    statistics were used and the correction vanishes.
+    """
+
+    @staticmethod
+    def forward(ctx, view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float):
+        dtype = compute_dtype(view.dtype)
+        weights = inside.to(dtype)
+        count = weights.sum()
+        if torch.compiler.is_compiling() or view.device.type != "cpu":
+            accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
+            mean, var = _masked_moments(torch.where(inside, view, 0), weights, count, accumulate)
+        else:
+            # A product with the 0/1 weights is far faster than where() on CPU, but lets a masked-out
+            # NaN or Inf through (0 * NaN): then, as for a large offset, the stable path decides.
+            sums, sum_squares = _channel_sums(view * weights.to(view.dtype))
+            safe_count = count.clamp(min=1)
+            mean = sums / safe_count
+            var = (sum_squares / safe_count - mean.square()).clamp(min=0)
+            if not (bool(sum_squares.isfinite().all()) and _trusted(mean, var)):
+                mean, var = _masked_moments(torch.where(inside, view, 0), weights, count, dtype)
+        has_elements = count > 0
+        used_mean = torch.where(has_elements, mean, fallback_mean)
+        used_var = torch.where(has_elements, var, fallback_var)
+        y = normalize(view, used_mean, used_var, gamma, beta, epsilon)
+        ctx.save_for_backward(view, weights, gamma, used_mean, used_var, count)
+        ctx.epsilon = epsilon
+        ctx.mark_non_differentiable(mean, var, count)
+        return y, mean, var, count
+
+    @staticmethod
+    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
+        view, weights, gamma, mean, var, count = ctx.saved_tensors
+        grad_y = grad_y.reshape(view.shape)
+        grad_x, dot, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_y, view, gamma, mean, var, None, None, False, ctx.epsilon, [True, True, True]
+        )
+        if ctx.needs_input_grad[0]:
+            invstd = torch.rsqrt(var + ctx.epsilon)
+            factor = invstd if gamma is None else invstd * gamma
+            # dx -= w * (a + b * x) with per-channel a, b; zero where no element was masked in.
+            per_element = torch.where(count > 0, 1.0 / count, 0.0)
+            b = factor * invstd * dot * per_element
+            a = factor * grad_beta * per_element - b * mean
+            correction = torch.addcmul(_per_channel(a, view), view, _per_channel(b, view))
+            grad_x.addcmul_(weights, correction, value=-1.0)
+        else:
+            grad_x = None
+        grad_gamma = dot if gamma is not None and ctx.needs_input_grad[2] else None
+        grad_beta = grad_beta if ctx.needs_input_grad[3] else None
+        return grad_x, None, grad_gamma, grad_beta, None, None, None
+
+
 def masked_batch_norm_training(
     view: Tensor,
     inside: Tensor,
@@ -159,31 +304,9 @@ def masked_batch_norm_training(
     never enter the statistics, not even a NaN. Where ``count == 0`` there are no statistics:
     ``fallback_mean``/``fallback_var`` (the moving statistics) are used instead, and the returned
     ``mean``/``var`` are the unusable zeros of an empty sum. Gradients flow through the statistics
-    to ``view``, ``gamma`` and ``beta``.
+    to ``view``, ``gamma`` and ``beta``; ``mean``, ``var`` and ``count`` carry none.
     """
-    dtype = compute_dtype(view.dtype)
-    x = view.to(dtype)
-    dims = _reduced_dims(view)
-    count = inside.sum(dtype=dtype)
-    # Dividing by max(count, 1) keeps an empty mask's statistics (and their gradients) finite zeros.
-    safe_count = count.clamp(min=1)
-    # Corrected two-pass algorithm: the first mean carries the rounding error of a float sum of
-    # large values; the mean of the deviations from it corrects both the mean and the variance.
-    rough_mean = torch.where(inside, x, 0).sum(dims) / safe_count
-    deviation = torch.where(inside, x - _per_channel(rough_mean, view), 0)
-    correction = deviation.sum(dims) / safe_count
-    mean = rough_mean + correction
-    var = (deviation.square().sum(dims) / safe_count - correction.square()).clamp(min=0)
-    has_elements = count > 0
-    used_mean = torch.where(has_elements, mean, fallback_mean)
-    used_var = torch.where(has_elements, var, fallback_var)
-    inv = torch.rsqrt(used_var + epsilon)
-    if gamma is not None:
-        inv = inv * gamma
-    y = (x - _per_channel(used_mean, view)) * _per_channel(inv, view)
-    if beta is not None:
-        y = y + _per_channel(beta, view)
-    return y.to(view.dtype), mean.detach(), var.detach(), count
+    return _MaskedBatchNormTraining.apply(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon)
 
 
 @torch.no_grad()
@@ -197,12 +320,15 @@ def update_moving_statistics(
 ) -> None:
     """Keras's moving-average update, in place, only for the channels where ``valid`` is True.
 
-    ``moving = moving * momentum + batch * (1 - momentum)``, computed in the wider of the buffer's
-    and the statistics' dtypes and stored in the buffer's. ``valid`` is a bool tensor (``(C,)`` or a scalar) so that the
+    ``moving = moving * momentum + batch * (1 - momentum)``, computed as
+    ``moving + (1 - momentum) * (batch - moving)`` (one fused ``lerp``) in the wider of the
+    buffer's and the statistics' dtypes and stored in the buffer's. ``valid`` is a bool tensor (``(C,)`` or a scalar) so that the
     decision stays on the device: no host synchronization.
     """
     for moving, batch in ((moving_mean, mean), (moving_variance, var)):
-        # In the wider of the two dtypes: a float64 buffer is not rounded through float32.
-        dtype = torch.promote_types(moving.dtype, batch.dtype)
-        old, batch = moving.to(dtype), batch.to(dtype)
-        moving.copy_(torch.where(valid, old * momentum + batch * (1.0 - momentum), old))
+        # An invalid channel blends with itself, which leaves it exactly as it was.
+        target = torch.where(valid, batch, moving)
+        if target.dtype == moving.dtype:
+            moving.lerp_(target, 1.0 - momentum)
+        else:  # blend in the wider dtype, store in the buffer's
+            moving.copy_(moving.to(target.dtype).lerp_(target, 1.0 - momentum))

@@ -1,0 +1,873 @@
+"""``python -m batchnorm bench``: how fast is this layer, next to torch, Keras and a plain copy?
+
+Measures, in one process and under one allocator configuration, for each case and mode:
+
+* **ours**: :class:`batchnorm.BatchNormalization` called as users call it;
+* **torch**: ``torch.nn.functional.batch_norm`` on its best zero-copy layout (the ``(M, C)`` view
+  ``x.reshape(-1, C)`` for a channels-last ``axis=-1`` input, the tensor as is for ``axis=1``), with
+  float32 running buffers, ``momentum=0.01`` (Keras's 0.99), ``eps=1e-3`` and float32 weight/bias
+  Parameters; for bfloat16 inputs this is PyTorch's mixed-dtype call (bf16 input, float32
+  weight/bias/running statistics). There is no native equivalent of a masked call (case E): there
+  the reference is *ours unmasked* on the same tensor (``ours_unmasked``);
+* **keras**: Keras 3's ``keras.layers.BatchNormalization(axis=...)`` on the torch backend (when
+  Keras is installed and ``KERAS_BACKEND`` is unset or ``torch``), built on the input shape and
+  called with torch tensors (``mask=`` for case E; ``dtype="mixed_bfloat16"`` for bf16 inputs, the
+  Keras policy that matches ours: float32 weights, bf16 in and out);
+* the **copy floor**: ``y.copy_(x)`` into a preallocated tensor (``copy_``) and ``x.clone()``
+  (``clone``: copy plus a fresh output buffer). Both are mode-independent and measured once per
+  case; every row of the case repeats them.
+
+Cases (float32 unless said): A ``(64,56,56,64)`` axis=-1; B ``(32,128,768)`` axis=-1;
+C ``(4096,1024)`` axis=-1; D ``(64,64,56,56)`` axis=1; E = B with a ``(32,128)`` mask whose
+positions are exactly 25% False (seeded); F = B in bfloat16. ``quick`` divides every case by 128
+in its batch/spatial dimensions (channel counts unchanged).
+
+Modes: ``inference`` (forward, ``training=False``, under ``torch.no_grad()``); ``training``
+(forward with batch statistics, moving statistics updated, under ``torch.no_grad()``);
+``training_backward`` (``y = f(x); y.backward(g)`` with ``x`` requiring grad and a fixed upstream
+gradient ``g`` allocated once; dx, dgamma and dbeta are computed).
+
+Timing
+    All (mode, implementation) pairs of a case are timed interleaved round-robin (the starting
+    implementation rotates each round): ``warmup`` untimed rounds, then ``repeats`` timed rounds;
+    the reported figure is the median. ``torch.set_num_threads`` is fixed for the whole run (and
+    restored afterwards). Each timed sample calls the implementation ``calls_per_sample`` times,
+    chosen after warm-up so that a sample lasts at least ``min_sample_ms`` (1 for every full-size
+    case on a CPU; more for the tiny ``quick`` sizes). A call allocates and frees its own outputs
+    inside the timed region: the forward output is dropped on return, and a backward call starts
+    by setting ``.grad = None`` on x, gamma and beta (as ``zero_grad(set_to_none=True)`` would), so
+    the previous call's gradients are freed inside the timing. Python's garbage collector is
+    paused during the rounds. On CUDA the device is synchronized before and after each sample.
+    Minor page faults per call (``getrusage``) are recorded too: they show what the allocator costs.
+
+Threads and a shared machine
+    With ``threads > 1`` every OpenMP parallel region waits for all its workers; when other
+    processes keep the CPUs busy (load average near or above the CPU count) a worker can wait a
+    whole scheduler time slice (~16 ms was seen on a loaded 2-core machine) and short calls then
+    measure the scheduler, not the code. The header records the load average at start and end and
+    the table warns; ``--threads 1`` gives steadier ratios there. ``detail`` keeps every sample
+    (with min and max) so such noise can be seen.
+
+Peak extra memory per call
+    On CPU: ``torch.autograd.profiler.profile(use_cpu=True, profile_memory=True)`` around one call
+    (after warm-up, untimed; gradients cleared before it, not inside it), then a walk over the
+    ``"[memory]"`` events of ``prof.kineto_results.events()`` sorted by ``start_ns()``, keeping a
+    running sum of ``nbytes()`` (positive for an allocation, negative for a free) and its maximum.
+    That is the peak of bytes held by torch's CPU allocator during the call above what it held
+    before (outputs, saved tensors and gradients included; frees of older tensors can only lower
+    the running sum, and the peak is clamped at 0). Checked: ``x.clone()`` gives exactly
+    ``x.nbytes`` and ``y.copy_(x)`` gives 0 (both are reported, as ``clone_peak_mib`` and
+    ``copy_peak_mib``). In torch 2.13 the higher-level ``torch.profiler.profile`` works too but
+    imports torch._dynamo/_inductor on first use (~3 s), hence the autograd-profiler entry point.
+    Kineto writes ``USDT: ... profiler_start/stop`` lines straight to file descriptor 2; they are
+    filtered out (other stderr output during the profiled call is passed through). Only memory
+    allocated through torch's allocator, on threads the profiler follows, is seen (not numpy or
+    Python objects). On CUDA: ``torch.cuda.reset_peak_memory_stats()``, then
+    ``max_memory_allocated()`` after the call minus ``memory_allocated()`` before it.
+
+Allocator
+    glibc serves a buffer above its mmap threshold (dynamic, at most 32 MiB by default) with a
+    fresh ``mmap`` unless its heap already holds a large enough free chunk, so under glibc
+    defaults a 49 MiB output of case A or D may page-fault in whole (12,545 faults, ``clone`` ~5x
+    ``copy_``) or not at all, depending on what ran before in the process (in one run, every A call
+    faulted and D's inference calls did not). Within a case all implementations share that state;
+    across cases, and for absolute times, prefer ``--tuned-malloc``. The header records the ``MALLOC_*``
+    environment (``glibc defaults`` when none is set) as seen by this process; glibc reads it at
+    start-up. ``--tuned-malloc`` re-executes the benchmark in a subprocess with
+    ``MALLOC_MMAP_THRESHOLD_=1073741824 MALLOC_TRIM_THRESHOLD_=17179869184`` (1 GiB, 16 GiB), so
+    freed big buffers are reused without faults; every implementation then benefits alike.
+
+Usage::
+
+    python -m batchnorm bench                       # full run: ~30 s on 2 idle cores, minutes if loaded
+    python -m batchnorm bench --quick               # small sizes, seconds (CI smoke test)
+    python -m batchnorm bench --cases BEF --modes training --json out.json
+    python -m batchnorm.bench --tuned-malloc        # the same, without the dispatcher
+
+    >>> from batchnorm.bench import benchmark, format_table
+    >>> rows = benchmark(cases="B", modes=("training",), repeats=3, quick=True, keras=False)
+    >>> print(format_table(rows))                   # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from batchnorm.layer import BatchNormalization
+
+try:  # POSIX only: page-fault counts are a diagnostic, not a requirement
+    import resource
+except ImportError:  # pragma: no cover - Windows
+    resource = None
+
+__all__ = [
+    "CASES",
+    "MODES",
+    "Case",
+    "benchmark",
+    "describe_environment",
+    "allocator_settings",
+    "format_table",
+    "add_arguments",
+    "run",
+    "main",
+]
+
+MODES = ("inference", "training", "training_backward")
+MODE_LABELS = {"inference": "infer fwd", "training": "train fwd", "training_backward": "train fwd+bwd"}
+IMPLEMENTATIONS = ("ours", "torch", "keras", "ours_unmasked", "copy_", "clone")
+
+MOMENTUM = 0.99          # Keras convention; torch's momentum is 1 - MOMENTUM
+EPSILON = 1e-3           # Keras's default
+FULL_REPEATS, FULL_WARMUP = 15, 2
+QUICK_REPEATS, QUICK_WARMUP = 5, 1
+QUICK_DIVISOR = 128
+MAX_CALLS_PER_SAMPLE = 1000
+
+# Environment variables that change how memory is allocated (glibc malloc, preloaded allocators,
+# torch's CUDA caching allocator). Read at process start-up by the libraries concerned.
+ALLOCATOR_ENV_VARS = (
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TOP_PAD_",
+    "MALLOC_ARENA_MAX",
+    "GLIBC_TUNABLES",
+    "LD_PRELOAD",
+    "PYTORCH_CUDA_ALLOC_CONF",
+)
+TUNED_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 30), "MALLOC_TRIM_THRESHOLD_": str(1 << 34)}
+_STARTUP_ENV = {name: os.environ[name] for name in ALLOCATOR_ENV_VARS if name in os.environ}
+
+
+# ------------------------------------------------------------------------------------- cases
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    """One input configuration: shape (full and quick), channel axis, dtype, optional mask."""
+
+    name: str
+    shape: tuple[int, ...]
+    quick_shape: tuple[int, ...]
+    axis: int
+    dtype: torch.dtype = torch.float32
+    mask_false_fraction: float | None = None   # masked case: this fraction of positions False
+    note: str = ""
+
+    def size(self, quick: bool) -> tuple[int, ...]:
+        return self.quick_shape if quick else self.shape
+
+    def describe(self, quick: bool = False) -> str:
+        def fmt(shape: tuple[int, ...]) -> str:
+            return "(" + ",".join(map(str, shape)) + ")"
+
+        dtype = str(self.dtype).replace("torch.", "")
+        text = f"{self.name} {fmt(self.size(quick))} {dtype} axis={self.axis}"
+        if self.mask_false_fraction is not None:
+            text += f", mask {fmt(self.mask_shape(quick))} {self.mask_false_fraction:.0%} False"
+        return text
+
+    def mask_shape(self, quick: bool = False) -> tuple[int, ...]:
+        shape = list(self.size(quick))
+        del shape[self.axis]
+        return tuple(shape)
+
+
+CASES: dict[str, Case] = {
+    case.name: case
+    for case in (
+        Case("A", (64, 56, 56, 64), (8, 14, 14, 64), -1, note="NHWC conv activations"),
+        Case("B", (32, 128, 768), (2, 16, 768), -1, note="transformer activations"),
+        Case("C", (4096, 1024), (32, 1024), -1, note="dense features"),
+        Case("D", (64, 64, 56, 56), (8, 64, 14, 14), 1, note="NCHW conv activations"),
+        Case("E", (32, 128, 768), (2, 16, 768), -1, mask_false_fraction=0.25, note="B with a padding mask"),
+        Case("F", (32, 128, 768), (2, 16, 768), -1, dtype=torch.bfloat16, note="B in bfloat16"),
+    )
+}
+
+
+def _parse_cases(cases: str | Iterable[str]) -> list[Case]:
+    if isinstance(cases, str):
+        names = [c for c in cases.upper() if c not in ", "]
+    else:
+        names = [str(c).upper() for c in cases]
+    unknown = [n for n in names if n not in CASES]
+    if unknown or not names:
+        raise ValueError(f"cases must be letters among {''.join(CASES)}, received {cases!r}")
+    return [CASES[n] for n in dict.fromkeys(names)]
+
+
+def _parse_modes(modes: str | Iterable[str]) -> list[str]:
+    names = [m.strip() for m in modes.split(",")] if isinstance(modes, str) else list(modes)
+    if names == ["all"]:
+        names = list(MODES)
+    unknown = [m for m in names if m not in MODES]
+    if unknown or not names:
+        raise ValueError(f"modes must be among {', '.join(MODES)} (or 'all'), received {modes!r}")
+    return [m for m in MODES if m in names]
+
+
+# ---------------------------------------------------------------------------------- keras
+
+def _import_keras() -> tuple[Any, str | None]:
+    """Keras on its torch backend, or ``(None, reason)``."""
+    backend = os.environ.get("KERAS_BACKEND")
+    if "keras" not in sys.modules:
+        if backend not in (None, "torch"):
+            return None, f"KERAS_BACKEND={backend} (Keras needs the torch backend here)"
+        os.environ["KERAS_BACKEND"] = "torch"
+    try:
+        import keras
+    except ImportError:
+        return None, "keras is not installed"
+    if keras.backend.backend() != "torch":
+        return None, f"keras was imported with the {keras.backend.backend()} backend"
+    return keras, None
+
+
+# ------------------------------------------------------------------------- implementations
+
+@dataclasses.dataclass
+class _Entry:
+    """One timed thing: ``call()`` is timed; ``clear()`` then ``body()`` is one call for memory."""
+
+    mode: str            # a mode, or "-" for the mode-independent copy floor
+    impl: str
+    call: Callable[[], None]
+    clear: Callable[[], None]
+    body: Callable[[], None]
+    samples_ms: list[float] = dataclasses.field(default_factory=list)
+    warm_ms: list[float] = dataclasses.field(default_factory=list)
+    faults: int = 0
+    calls: int = 0
+    calls_per_sample: int = 1
+    peak_bytes: int | None = None
+
+
+def _nothing() -> None:
+    pass
+
+
+def _entry(mode: str, impl: str, forward: Callable[[Tensor], Tensor], x: Tensor, g: Tensor,
+           params: Sequence[Tensor]) -> _Entry:
+    """Wrap ``forward`` for ``mode``: forward modes under no_grad; backward with fresh grads."""
+    if mode != "training_backward":
+        def call() -> None:
+            with torch.no_grad():
+                forward(x)
+        return _Entry(mode, impl, call, _nothing, call)
+
+    xg = x.detach().requires_grad_()       # shares x's storage; its own .grad
+    leaves = (xg, *params)
+
+    def clear() -> None:
+        for leaf in leaves:
+            leaf.grad = None
+
+    def body() -> None:
+        forward(xg).backward(g)
+
+    def call() -> None:
+        clear()
+        body()
+
+    return _Entry(mode, impl, call, clear, body)
+
+
+def _torch_native(case: Case, x: Tensor, training: bool, device: torch.device):
+    channels = x.shape[case.axis]
+    axis = case.axis % x.dim()
+    weight = nn.Parameter(torch.ones(channels, device=device))
+    bias = nn.Parameter(torch.zeros(channels, device=device))
+    running_mean = torch.zeros(channels, device=device)
+    running_var = torch.ones(channels, device=device)
+    if axis == x.dim() - 1:
+        def layout(t: Tensor) -> Tensor:
+            return t.reshape(-1, channels)
+    elif axis == 1:
+        def layout(t: Tensor) -> Tensor:
+            return t
+    else:
+        def layout(t: Tensor) -> Tensor:
+            return t.reshape(math.prod(t.shape[:axis]), channels, -1)
+
+    def forward(t: Tensor) -> Tensor:
+        return F.batch_norm(layout(t), running_mean, running_var, weight, bias, training,
+                            1.0 - MOMENTUM, EPSILON).reshape(t.shape)
+
+    return forward, (weight, bias)
+
+
+def _ours(case: Case, x: Tensor, training: bool, mask: Tensor | None, device: torch.device):
+    layer = BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON, device=device)
+    layer.build(x.shape)
+
+    def forward(t: Tensor) -> Tensor:
+        return layer(t, training=training, mask=mask)
+
+    return forward, (layer.gamma, layer.beta)
+
+
+def _keras(keras, case: Case, x: Tensor, training: bool, mask: Tensor | None, device: torch.device):
+    policy = {torch.bfloat16: "mixed_bfloat16", torch.float16: "mixed_float16"}.get(case.dtype)
+    keras_device = str(device)
+    with keras.device(keras_device):
+        layer = keras.layers.BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON,
+                                                dtype=policy)
+        layer.build(tuple(x.shape))
+
+    def forward(t: Tensor) -> Tensor:
+        with keras.device(keras_device):
+            return layer(t, training=training, mask=mask)
+
+    return forward, (layer.gamma.value, layer.beta.value)
+
+
+def _make_inputs(case: Case, quick: bool, device: torch.device, seed: int = 0):
+    generator = torch.Generator().manual_seed(seed)
+    shape = case.size(quick)
+    x = (torch.randn(shape, generator=generator) * 2.0 + 0.5).to(device=device, dtype=case.dtype)
+    g = torch.randn(shape, generator=generator).to(device=device, dtype=case.dtype)
+    mask = None
+    if case.mask_false_fraction is not None:
+        mask_shape = case.mask_shape(quick)
+        n = math.prod(mask_shape)
+        flat = torch.ones(n, dtype=torch.bool)
+        flat[torch.randperm(n, generator=generator)[: round(n * case.mask_false_fraction)]] = False
+        mask = flat.reshape(mask_shape).to(device)
+    return x, g, mask
+
+
+def _entries(case: Case, modes: Sequence[str], quick: bool, device: torch.device, keras) -> tuple[list[_Entry], Tensor]:
+    x, g, mask = _make_inputs(case, quick, device)
+    entries: list[_Entry] = []
+    for mode in modes:
+        training = mode != "inference"
+        forward, params = _ours(case, x, training, mask, device)
+        entries.append(_entry(mode, "ours", forward, x, g, params))
+        if mask is None:
+            forward, params = _torch_native(case, x, training, device)
+            entries.append(_entry(mode, "torch", forward, x, g, params))
+        else:
+            forward, params = _ours(case, x, training, None, device)
+            entries.append(_entry(mode, "ours_unmasked", forward, x, g, params))
+        if keras is not None:
+            forward, params = _keras(keras, case, x, training, mask, device)
+            entries.append(_entry(mode, "keras", forward, x, g, params))
+    out = torch.empty_like(x)
+    entries.append(_entry("-", "copy_", lambda t: out.copy_(t), x, g, ()))
+    entries.append(_entry("-", "clone", lambda t: t.clone(), x, g, ()))
+    return entries, x
+
+
+# --------------------------------------------------------------------------------- measuring
+
+_KINETO_LOG = re.compile(rb"^(USDT|INFO):\d{4}-\d\d-\d\d [^\n]*\.cpp:\d+\][^\n]*\n?", re.MULTILINE)
+
+
+@contextlib.contextmanager
+def _without_kineto_log_lines():
+    """Drop kineto's ``USDT:``/``INFO:`` log lines written to fd 2; pass anything else through."""
+    fd = 2                                  # kineto writes to the descriptor, not to sys.stderr
+    with contextlib.suppress(AttributeError, OSError, ValueError):
+        sys.stderr.flush()
+    try:
+        saved = os.dup(fd)
+    except OSError:                         # no descriptor 2 at all: nothing to filter
+        yield
+        return
+    with tempfile.TemporaryFile() as captured:
+        os.dup2(captured.fileno(), fd)
+        try:
+            yield
+        finally:
+            with contextlib.suppress(AttributeError, OSError, ValueError):
+                sys.stderr.flush()
+            os.dup2(saved, fd)
+            os.close(saved)
+            captured.seek(0)
+            rest = _KINETO_LOG.sub(b"", captured.read())
+            if rest:
+                os.write(fd, rest)
+
+
+def _peak_bytes(entry: _Entry, device: torch.device) -> int:
+    """Peak bytes allocated by torch during one call, above what was allocated before it."""
+    entry.clear()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        entry.body()
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device) - before
+    else:
+        from torch.autograd import profiler
+
+        with _without_kineto_log_lines():
+            with profiler.profile(use_cpu=True, profile_memory=True) as prof:
+                entry.body()
+        events = [e for e in prof.kineto_results.events() if e.name() == "[memory]"]
+        events.sort(key=lambda e: e.start_ns())
+        running = peak = 0
+        for event in events:
+            running += event.nbytes()
+            peak = max(peak, running)
+    entry.clear()
+    return max(0, int(peak))
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt if resource is not None else 0
+
+
+def _sample(entry: _Entry, number: int, sync: Callable[[], None]) -> float:
+    """Milliseconds per call over ``number`` back-to-back calls."""
+    faults = _minor_faults()
+    sync()
+    start = time.perf_counter_ns()
+    for _ in range(number):
+        entry.call()
+    sync()
+    elapsed = time.perf_counter_ns() - start
+    entry.faults += _minor_faults() - faults
+    entry.calls += number
+    return elapsed / number / 1e6
+
+
+def _rounds(entries: list[_Entry], count: int, sync, timed: bool, first_round: int = 0) -> None:
+    n = len(entries)
+    for r in range(count):
+        start = (first_round + r) % n
+        for entry in entries[start:] + entries[:start]:
+            if timed:
+                entry.samples_ms.append(_sample(entry, entry.calls_per_sample, sync))
+            else:
+                entry.warm_ms.append(_sample(entry, 1, sync))
+
+
+def _measure_case(entries: list[_Entry], repeats: int, warmup: int, min_sample_ms: float,
+                  device: torch.device) -> None:
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else _nothing
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        _rounds(entries, max(1, warmup), sync, timed=False)
+        for entry in entries:
+            fastest = max(min(entry.warm_ms), 1e-6)
+            entry.calls_per_sample = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / fastest)))
+            entry.peak_bytes = _peak_bytes(entry, device)
+            entry.faults = entry.calls = 0
+        _rounds(entries, repeats, sync, timed=True, first_round=max(1, warmup))
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+
+
+def _ratio(numerator: float | None, denominator: float | None) -> float | None:
+    if numerator is None or denominator is None or denominator <= 0:
+        return None
+    return numerator / denominator
+
+
+def _rows_for_case(case: Case, modes: Sequence[str], entries: list[_Entry], x: Tensor,
+                   quick: bool, repeats: int) -> list[dict]:
+    by_key = {(e.mode, e.impl): e for e in entries}
+    rows = []
+    for mode in modes:
+        found = {impl: by_key.get((mode, impl)) or by_key.get(("-", impl)) for impl in IMPLEMENTATIONS}
+        found = {impl: e for impl, e in found.items() if e is not None}
+        ms = {impl: statistics.median(e.samples_ms) for impl, e in found.items()}
+        mib = {impl: e.peak_bytes / 2**20 for impl, e in found.items()}
+        ours = ms["ours"]
+        row = {
+            "case": case.name,
+            "mode": mode,
+            "description": case.describe(quick),
+            "shape": list(x.shape),
+            "axis": case.axis,
+            "dtype": str(case.dtype).replace("torch.", ""),
+            "masked": case.mask_false_fraction is not None,
+            "numel": x.numel(),
+            "input_mib": x.numel() * x.element_size() / 2**20,
+            "ours_ms": ours,
+            "torch_ms": ms.get("torch"),
+            "keras_ms": ms.get("keras"),
+            "copy_ms": ms["copy_"],
+            "clone_ms": ms["clone"],
+            "ours_unmasked_ms": ms.get("ours_unmasked"),
+            "ours_over_torch": _ratio(ours, ms.get("torch")),
+            "ours_over_keras": _ratio(ours, ms.get("keras")),
+            "ours_over_copy": _ratio(ours, ms["copy_"]),
+            "masked_over_unmasked": _ratio(ours, ms.get("ours_unmasked")),
+            "ours_peak_mib": mib["ours"],
+            "torch_peak_mib": mib.get("torch"),
+            "keras_peak_mib": mib.get("keras"),
+            "copy_peak_mib": mib["copy_"],
+            "clone_peak_mib": mib["clone"],
+            "ours_unmasked_peak_mib": mib.get("ours_unmasked"),
+            "repeats": repeats,
+            "detail": {
+                impl: {
+                    "median_ms": ms[impl],
+                    "min_ms": min(e.samples_ms),
+                    "max_ms": max(e.samples_ms),
+                    "samples_ms": list(e.samples_ms),
+                    "calls_per_sample": e.calls_per_sample,
+                    "peak_bytes": e.peak_bytes,
+                    "minor_faults_per_call": e.faults / e.calls if e.calls else None,
+                }
+                for impl, e in found.items()
+            },
+        }
+        rows.append(row)
+    return rows
+
+
+def benchmark(
+    cases: str | Iterable[str] = "ABCDEF",
+    modes: str | Iterable[str] = MODES,
+    repeats: int | None = None,
+    threads: int | None = None,
+    quick: bool = False,
+    keras: bool = True,
+    *,
+    device: str | torch.device = "cpu",
+    warmup: int | None = None,
+    min_sample_ms: float = 1.0,
+    progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Run the benchmark; one dict per (case, mode), in case then mode order.
+
+    ``repeats``/``warmup`` default to 15/2 (``quick``: 5/1); ``threads`` to the current
+    ``torch.get_num_threads()`` (fixed for the run, restored after). ``keras=True`` includes Keras
+    when it can be used (see :func:`describe_environment`'s ``keras`` entry), else its columns are
+    ``None``. Times are medians in milliseconds per call; ``*_over_*`` are ratios of those medians;
+    ``*_peak_mib`` the peak extra memory of one call in MiB. ``detail`` holds every sample.
+    """
+    case_list = _parse_cases(cases)
+    mode_list = _parse_modes(modes)
+    repeats = (QUICK_REPEATS if quick else FULL_REPEATS) if repeats is None else int(repeats)
+    warmup = (QUICK_WARMUP if quick else FULL_WARMUP) if warmup is None else int(warmup)
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"need repeats >= 1 and warmup >= 0, received repeats={repeats}, warmup={warmup}")
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
+    keras_module = _import_keras()[0] if keras else None
+
+    previous_threads = torch.get_num_threads()
+    torch.set_num_threads(previous_threads if threads is None else int(threads))
+    rows: list[dict] = []
+    try:
+        for case in case_list:
+            started = time.perf_counter()
+            entries, x = _entries(case, mode_list, quick, device, keras_module)
+            _measure_case(entries, repeats, warmup, min_sample_ms, device)
+            rows.extend(_rows_for_case(case, mode_list, entries, x, quick, repeats))
+            del entries, x
+            if progress is not None:
+                progress(f"case {case.describe(quick)}: {time.perf_counter() - started:.1f} s")
+    finally:
+        torch.set_num_threads(previous_threads)
+    return rows
+
+
+# ---------------------------------------------------------------------------- environment
+
+def allocator_settings() -> dict:
+    """The allocator environment this process started with, and a one-line description."""
+    env = dict(_STARTUP_ENV)
+    if not env:
+        description = "glibc defaults"
+    else:
+        description = " ".join(f"{k}={v}" for k, v in env.items())
+        if all(env.get(k) == v for k, v in TUNED_MALLOC_ENV.items()):
+            description = "tuned malloc: " + description
+    libc = " ".join(platform.libc_ver()).strip() or None
+    return {"description": description, "env": env, "libc": libc}
+
+
+def describe_environment(
+    *,
+    device: str | torch.device = "cpu",
+    threads: int | None = None,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    quick: bool = False,
+    keras: bool = True,
+    cases: str | Iterable[str] = "ABCDEF",
+    modes: str | Iterable[str] = MODES,
+    min_sample_ms: float = 1.0,
+    command: str | None = None,
+) -> dict:
+    """The header of a run: versions, threads, device, allocator, repetitions, command."""
+    keras_module, reason = _import_keras() if keras else (None, "disabled (--no-keras)")
+    device = torch.device(device)
+    return {
+        "torch": torch.__version__,
+        "keras": keras_module.__version__ if keras_module is not None else None,
+        "keras_note": reason,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads() if threads is None else int(threads),
+        "device": str(device) + (f" ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else ""),
+        "allocator": allocator_settings(),
+        "repeats": (QUICK_REPEATS if quick else FULL_REPEATS) if repeats is None else int(repeats),
+        "warmup": (QUICK_WARMUP if quick else FULL_WARMUP) if warmup is None else int(warmup),
+        "min_sample_ms": min_sample_ms,
+        "quick": bool(quick),
+        "cases": {c.name: c.describe(quick) for c in _parse_cases(cases)},
+        "modes": _parse_modes(modes),
+        "statistic": "median of interleaved round-robin samples after warm-up",
+        "memory": ("cuda max_memory_allocated" if device.type == "cuda"
+                   else "torch.autograd.profiler memory events: max running sum over one call"),
+        "command": command if command is not None else shlex.join(getattr(sys, "orig_argv", sys.argv)),
+        "loadavg": _loadavg(),
+    }
+
+
+def _loadavg() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages (None where the OS has none)."""
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except (AttributeError, OSError):
+        return None
+
+
+# ----------------------------------------------------------------------------------- table
+
+def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
+    if value is None:
+        return "-"
+    if value != 0 and abs(value) < 10 ** -digits:
+        return f"{value:.1e}{suffix}"
+    return f"{value:.{digits}f}{suffix}"
+
+
+def format_table(rows: Sequence[dict], header: dict | None = None) -> str:
+    """The rows as a fixed-width text table (plus the header lines, when given)."""
+    lines = []
+    if header is not None:
+        lines.append(
+            f"# batchnorm bench: torch {header['torch']}, keras {header['keras'] or '- (' + str(header['keras_note']) + ')'}, "
+            f"device {header['device']}, threads {header['threads']}, "
+            f"allocator: {header['allocator']['description']}"
+        )
+        lines.append(
+            f"# median of {header['repeats']} interleaved round-robin repetitions after "
+            f"{header['warmup']} warm-up rounds, each sample >= {header['min_sample_ms']:g} ms; "
+            f"{'quick sizes' if header['quick'] else 'full sizes'}"
+        )
+        lines.append(f"# command: {header['command']}")
+        if "elapsed_s" in header:
+            lines.append(f"# total time: {header['elapsed_s']:.1f} s")
+        load, cpus = header.get("loadavg"), header.get("cpu_count")
+        if load is not None and cpus:
+            end = header.get("loadavg_end")
+            line = f"# load average at start {load[0]:.2f}" + (f", at end {end[0]:.2f}" if end else "") + f" on {cpus} CPUs"
+            if load[0] >= cpus and header["threads"] > 1:     # the end figure includes this run
+                line += (": other processes compete for the CPUs; with threads > 1 a parallel region "
+                         "can stall a whole scheduler time slice waiting for a worker (--threads 1 is steadier)")
+            lines.append(line)
+    columns = [
+        ("case", "<"), ("mode", "<"), ("ours ms", ">"), ("torch ms", ">"), ("keras ms", ">"),
+        ("copy_ ms", ">"), ("clone ms", ">"), ("ours/torch", ">"), ("ours/keras", ">"),
+        ("ours/copy", ">"), ("ours MiB", ">"), ("torch MiB", ">"),
+    ]
+    table = [[name for name, _ in columns]]
+    for row in rows:
+        table.append([
+            row["case"], MODE_LABELS.get(row["mode"], row["mode"]),
+            _fmt(row["ours_ms"], 3), _fmt(row["torch_ms"], 3), _fmt(row["keras_ms"], 3),
+            _fmt(row["copy_ms"], 3), _fmt(row["clone_ms"], 3),
+            _fmt(row["ours_over_torch"], 2, "x"), _fmt(row["ours_over_keras"], 2, "x"),
+            _fmt(row["ours_over_copy"], 2, "x"),
+            _fmt(row["ours_peak_mib"], 2), _fmt(row["torch_peak_mib"], 2),
+        ])
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
+    for r in table:
+        lines.append("  ".join(cell.ljust(w) if align == "<" else cell.rjust(w)
+                               for cell, w, (_, align) in zip(r, widths, columns)).rstrip())
+    descriptions = dict.fromkeys(row["description"] for row in rows)
+    if descriptions:
+        lines.append("cases: " + "; ".join(descriptions))
+    masked = [row for row in rows if row["masked_over_unmasked"] is not None]
+    for row in masked:
+        line = (f"{row['case']} masked / unmasked (ours, same tensor), {MODE_LABELS[row['mode']]}: "
+                f"{_fmt(row['masked_over_unmasked'], 2, 'x')} "
+                f"({_fmt(row['ours_ms'], 3)} vs {_fmt(row['ours_unmasked_ms'], 3)} ms)")
+        if row["mode"] != "inference":
+            line += "  [acceptance: <= 1.5x]"
+        lines.append(line)
+    if any(row["masked"] for row in rows):
+        lines.append("torch has no masked batch norm: case E's torch columns are empty")
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------- command line
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _cases_arg(text: str) -> str:
+    try:
+        return "".join(c.name for c in _parse_cases(text))
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def _modes_arg(text: str) -> list[str]:
+    try:
+        return _parse_modes(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the ``bench`` options to ``parser`` (the dispatcher calls :func:`run` with the result)."""
+    parser.add_argument("--cases", type=_cases_arg, default="".join(CASES), metavar="LETTERS",
+                        help="cases to run, e.g. BEF or B,E,F (default: %(default)s): "
+                             + "; ".join(c.describe() for c in CASES.values()).replace("%", "%%"))
+    parser.add_argument("--modes", type=_modes_arg, default=list(MODES), metavar="LIST",
+                        help=f"comma-separated among {', '.join(MODES)} (default: all)")
+    parser.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
+                        help=f"timed round-robin repetitions; the median is reported "
+                             f"(default: {FULL_REPEATS}, --quick: {QUICK_REPEATS})")
+    parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="N",
+                        help=f"untimed rounds first (default: {FULL_WARMUP}, --quick: {QUICK_WARMUP})")
+    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+                        help="torch.set_num_threads for the run (default: torch's current value)")
+    parser.add_argument("--device", default="cpu", metavar="DEVICE",
+                        help="torch device, e.g. cpu or cuda (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"sizes divided by {QUICK_DIVISOR}, fewer repetitions: seconds, for smoke tests")
+    parser.add_argument("--no-keras", dest="keras", action="store_false",
+                        help="leave Keras out (it is included when installed)")
+    parser.add_argument("--min-sample-ms", type=_positive_float, default=1.0, metavar="MS",
+                        help="repeat tiny calls inside a sample until it lasts this long (default: %(default)s)")
+    parser.add_argument("--json", default=None, metavar="PATH",
+                        help="also write the header and rows as JSON to PATH")
+    parser.add_argument("--tuned-malloc", action="store_true",
+                        help="re-run in a subprocess with " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items())
+                             + " so glibc reuses big buffers instead of mapping them afresh "
+                               "(default: this process's allocator settings, normally glibc defaults)")
+    parser.add_argument("--command", dest="command_line", default=None, help=argparse.SUPPRESS)
+
+
+def _child_argv(args: argparse.Namespace, json_path: str, command: str) -> list[str]:
+    argv = ["--cases", args.cases, "--modes", ",".join(args.modes), "--device", str(args.device),
+            "--min-sample-ms", repr(args.min_sample_ms), "--json", json_path, "--command", command]
+    for option, value in (("--repeats", args.repeats), ("--warmup", args.warmup), ("--threads", args.threads)):
+        if value is not None:
+            argv += [option, str(value)]
+    if args.quick:
+        argv.append("--quick")
+    if not args.keras:
+        argv.append("--no-keras")
+    return argv
+
+
+def _run_tuned_subprocess(args: argparse.Namespace, command: str) -> dict:
+    env = dict(os.environ, **TUNED_MALLOC_ENV)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (package_root, env.get("PYTHONPATH")) if p)
+    prefix = " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items())
+    with tempfile.TemporaryDirectory() as tmp:
+        json_path = args.json or os.path.join(tmp, "bench.json")
+        child = [sys.executable, "-m", "batchnorm.bench", *_child_argv(args, json_path, f"{prefix} {command}")]
+        subprocess.run(child, env=env, check=True)
+        return json.loads(Path(json_path).read_text())
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Run from parsed options: print the table, write ``--json``; return ``{"header", "rows"}``."""
+    command = args.command_line or shlex.join(getattr(sys, "orig_argv", sys.argv))
+    tuned_here = all(_STARTUP_ENV.get(k) == v for k, v in TUNED_MALLOC_ENV.items())
+    if args.tuned_malloc and not tuned_here:
+        return _run_tuned_subprocess(args, command)
+    started = time.perf_counter()
+    header = describe_environment(device=args.device, threads=args.threads, repeats=args.repeats,
+                                  warmup=args.warmup, quick=args.quick, keras=args.keras,
+                                  cases=args.cases, modes=args.modes,
+                                  min_sample_ms=args.min_sample_ms, command=command)
+
+    def progress(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    rows = benchmark(cases=args.cases, modes=args.modes, repeats=args.repeats, threads=args.threads,
+                     quick=args.quick, keras=args.keras, device=args.device, warmup=args.warmup,
+                     min_sample_ms=args.min_sample_ms, progress=progress)
+    header["elapsed_s"] = time.perf_counter() - started
+    header["loadavg_end"] = _loadavg()
+    print(format_table(rows, header), flush=True)
+    result = {"header": header, "rows": rows}
+    if args.json:
+        path = Path(args.json)
+        if path.parent != Path(""):
+            path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m batchnorm.bench",
+        description="Time batchnorm.BatchNormalization against torch's native batch norm, Keras 3 "
+                    "and the copy floor; print a table, optionally write JSON.")
+    add_arguments(parser)
+    run(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
