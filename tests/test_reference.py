@@ -610,3 +610,31 @@ def test_consecutive_training_steps_track_reference_statistics(shape, axis, dtyp
     bn.eval()
     x = random_input(shape, dtype, seed=200)
     assert_near(bn(x), normalize(x, axis, moving_mean, moving_var, gamma, beta, bn.epsilon), UNIT[dtype], "inference")
+
+
+# ----------------------------------------------------------------- fast paths and their fallbacks
+
+
+@pytest.mark.parametrize("offset", [0.0, 3.0, 300.0])  # fast; masked falls back; both fall back
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "transposed"])
+@pytest.mark.parametrize("masked", [False, True])
+def test_fast_paths_and_fallbacks_match_the_reference(masked, layout, dtype, offset):
+    # Sizes large enough for PyTorch's vectorized kernels; a transposed input stays a strided view.
+    shape, axis = (64, 12, 32), 1
+    x = random_input(shape, dtype, seed=30, scale=1.0, offset=offset)
+    if layout == "transposed":
+        x = random_input((64, 32, 12), dtype, seed=30, scale=1.0, offset=offset).transpose(1, 2)
+    mask = random_mask(mask_shape(shape, axis), seed=30) if masked else None
+    bn = make_layer(shape, axis, seed=30, momentum=0.0)
+    x = x.requires_grad_()
+    upstream = random_input(shape, torch.float64, seed=31, offset=0.0)
+    y_ref, mean_ref, var_ref, grads_ref = reference_training(bn, x.detach(), mask, weights=upstream)
+    y = bn(x, training=True, mask=mask)
+    (y.double() * upstream).sum().backward()
+    # Statistics are float32 arithmetic whatever the input's dtype; the output is rounded to it.
+    assert_near(bn.moving_mean, mean_ref, 1e-5, "moving_mean")
+    assert_near(bn.moving_variance, var_ref, 1e-4, "moving_variance")
+    tolerance = 1e-4 if dtype == torch.float32 else 1e-2
+    assert_near(y, y_ref, tolerance, "output")
+    assert_near(x.grad, grads_ref[0], tolerance * 5, "grad x")

@@ -239,9 +239,9 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
 
     Forward: the input with masked-out positions zeroed (the one temporary), then, like the
     unmasked path, one fused native pass for ``sum(x)`` and ``sum(x**2)`` on PyTorch's eager CPU
-    kernels, with the same accuracy check and a stable fallback: the corrected two-pass algorithm
-    (in float64 under ``torch.compile``; always on other devices, where a check would cost a
-    synchronization). Masked-out values never enter the statistics, whatever they hold (as Keras's
+    kernels for contiguous inputs, with the same accuracy check and a stable fallback: the corrected
+    two-pass algorithm (in float64 under ``torch.compile``; always on other devices, where a check
+    would cost a synchronization). Masked-out values never enter the statistics, whatever they hold (as Keras's
     ``where(mask, x, 0)``). The output is the native inference kernel's.
 
     Backward, with ``w`` the 0/1 weights, ``n = sum(w)``, ``xhat = (x - mean) * invstd`` and sums
@@ -260,7 +260,9 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
         dtype = compute_dtype(view.dtype)
         weights = inside.to(dtype)
         count = weights.sum()
-        if torch.compiler.is_compiling() or view.device.type != "cpu":
+        # The fast sums are PyTorch's vectorized CPU kernel; its strided fallback accumulates
+        # 16-bit inputs in 16 bits, so other layouts take the stable path too.
+        if torch.compiler.is_compiling() or view.device.type != "cpu" or not view.is_contiguous():
             accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
             mean, var = _masked_moments(torch.where(inside, view, 0), weights, count, accumulate)
         else:
