@@ -9,7 +9,7 @@ from typing import Any, Callable
 import torch
 from torch import Tensor, nn
 
-from . import constraints, functional, initializers, regularizers
+from . import constraints, distributed, functional, initializers, regularizers
 
 __all__ = ["BatchNormalization"]
 
@@ -313,22 +313,31 @@ class BatchNormalization(nn.Module):
         view = functional.channel_view(x, axis)
         if training is None:
             training = self.training
-        # An empty batch has no statistics: it is normalized like inference and updates nothing.
-        use_batch_statistics = training and self._trainable and view.numel() > 0
-
-        if not use_batch_statistics:
+        if not (training and self._trainable):
             y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
-        elif mask is None:
+            return y.reshape(x.shape)
+
+        inside = None if mask is None else functional.mask_view(mask.to(x.device), x.shape, axis)
+        count = None
+        if self.synchronized and distributed.is_synchronizing(self.process_group):
+            # Every rank joins the collectives, an empty one too.
+            y, mean, var, count = distributed.synchronized_batch_norm_training(
+                view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon, self.process_group
+            )
+        elif view.numel() == 0:
+            # An empty batch has no statistics: it is normalized like inference and updates nothing.
+            y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
+            return y.reshape(x.shape)
+        elif inside is None:
             y, mean, var = functional.batch_norm_training(view, gamma, beta, self.epsilon)
-            valid = mean.isfinite() & var.isfinite()
-            functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
         else:
-            inside = functional.mask_view(mask.to(x.device), x.shape, axis)
             y, mean, var, count = functional.masked_batch_norm_training(
                 view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon
             )
-            valid = (count > 0) & mean.isfinite() & var.isfinite()
-            functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
+        valid = mean.isfinite() & var.isfinite()
+        if count is not None:  # no element at all: no statistics (the moving ones were used)
+            valid &= count > 0
+        functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
         return y.reshape(x.shape)
 
     # -------------------------------------------------------------- regularizers, constraints
