@@ -216,7 +216,7 @@ def _channel_sums(view: Tensor) -> tuple[Tensor, Tensor]:
     return sums, sum_squares
 
 
-def _masked_moments(masked: Tensor, weights: Tensor, count: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
+def _masked_moments(masked: Tensor, inside: Tensor, count: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of the masked-in elements by the corrected two-pass algorithm.
 
     ``masked`` holds the input with masked-out positions zeroed. The deviations from a rough mean,
@@ -227,11 +227,36 @@ def _masked_moments(masked: Tensor, weights: Tensor, count: Tensor, accumulate: 
     safe_count = count.clamp(min=1).to(accumulate)
     deviation = masked.to(accumulate)
     rough_mean = deviation.sum(dims) / safe_count
-    deviation = (deviation - _per_channel(rough_mean, masked)) * weights
+    deviation = (deviation - _per_channel(rough_mean, masked)) * inside
     correction = deviation.sum(dims) / safe_count
     var = (deviation.square_().sum(dims) / safe_count - correction.square()).clamp(min=0)
     stats_dtype = compute_dtype(masked.dtype)
     return (rough_mean + correction).to(stats_dtype), var.to(stats_dtype)
+
+
+def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float):
+    """``(y, mean, var, count, used_mean, used_var)`` of a masked training call (see below)."""
+    dtype = compute_dtype(view.dtype)
+    count = inside.sum(dtype=dtype)
+    # The fast sums are PyTorch's vectorized CPU kernel; its strided fallback accumulates 16-bit
+    # inputs in 16 bits, so other layouts take the stable path too.
+    if torch.compiler.is_compiling() or view.device.type != "cpu" or not view.is_contiguous():
+        accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
+        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, accumulate)
+    else:
+        # A product with the 0/1 weights is far faster than where() on CPU, but lets a masked-out
+        # NaN or Inf through (0 * NaN): then, as for a large offset, the stable path decides.
+        sums, sum_squares = _channel_sums(view * inside.to(view.dtype))
+        safe_count = count.clamp(min=1)
+        mean = sums / safe_count
+        var = (sum_squares / safe_count - mean.square()).clamp(min=0)
+        if not (bool(sum_squares.isfinite().all()) and _trusted(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS)):
+            mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, dtype)
+    has_elements = count > 0
+    used_mean = torch.where(has_elements, mean, fallback_mean)
+    used_var = torch.where(has_elements, var, fallback_var)
+    y = normalize(view, used_mean, used_var, gamma, beta, epsilon)
+    return y, mean, var, count, used_mean, used_var
 
 
 class _MaskedBatchNormTraining(torch.autograd.Function):
@@ -241,8 +266,8 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
     unmasked path, one fused native pass for ``sum(x)`` and ``sum(x**2)`` on PyTorch's eager CPU
     kernels for contiguous inputs, with the same accuracy check and a stable fallback: the corrected
     two-pass algorithm (in float64 under ``torch.compile``; always on other devices, where a check
-    would cost a synchronization). Masked-out values never enter the statistics, whatever they hold (as Keras's
-    ``where(mask, x, 0)``). The output is the native inference kernel's.
+    would cost a synchronization). Masked-out values never enter the statistics, whatever they
+    hold (as Keras's ``where(mask, x, 0)``). The output is the native inference kernel's.
 
     Backward, with ``w`` the 0/1 weights, ``n = sum(w)``, ``xhat = (x - mean) * invstd`` and sums
     over every element of a channel (all are normalized, so all depend on the statistics)::
@@ -257,35 +282,17 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float):
-        dtype = compute_dtype(view.dtype)
-        weights = inside.to(dtype)
-        count = weights.sum()
-        # The fast sums are PyTorch's vectorized CPU kernel; its strided fallback accumulates
-        # 16-bit inputs in 16 bits, so other layouts take the stable path too.
-        if torch.compiler.is_compiling() or view.device.type != "cpu" or not view.is_contiguous():
-            accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
-            mean, var = _masked_moments(torch.where(inside, view, 0), weights, count, accumulate)
-        else:
-            # A product with the 0/1 weights is far faster than where() on CPU, but lets a masked-out
-            # NaN or Inf through (0 * NaN): then, as for a large offset, the stable path decides.
-            sums, sum_squares = _channel_sums(view * weights.to(view.dtype))
-            safe_count = count.clamp(min=1)
-            mean = sums / safe_count
-            var = (sum_squares / safe_count - mean.square()).clamp(min=0)
-            if not (bool(sum_squares.isfinite().all()) and _trusted(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS)):
-                mean, var = _masked_moments(torch.where(inside, view, 0), weights, count, dtype)
-        has_elements = count > 0
-        used_mean = torch.where(has_elements, mean, fallback_mean)
-        used_var = torch.where(has_elements, var, fallback_var)
-        y = normalize(view, used_mean, used_var, gamma, beta, epsilon)
-        ctx.save_for_backward(view, weights, gamma, used_mean, used_var, count)
+        y, mean, var, count, used_mean, used_var = _masked_forward(
+            view, inside, gamma, beta, fallback_mean, fallback_var, epsilon
+        )
+        ctx.save_for_backward(view, inside, gamma, used_mean, used_var, count)
         ctx.epsilon = epsilon
         ctx.mark_non_differentiable(mean, var, count)
         return y, mean, var, count
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
-        view, weights, gamma, mean, var, count = ctx.saved_tensors
+        view, inside, gamma, mean, var, count = ctx.saved_tensors
         grad_y = grad_y.reshape(view.shape)
         grad_x, dot, grad_beta = torch.ops.aten.native_batch_norm_backward(
             grad_y, view, gamma, mean, var, None, None, False, ctx.epsilon, [True, True, True]
@@ -298,7 +305,7 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
             b = factor * invstd * dot * per_element
             a = factor * grad_beta * per_element - b * mean
             correction = torch.addcmul(_per_channel(a, view), view, _per_channel(b, view))
-            grad_x.addcmul_(weights, correction, value=-1.0)
+            grad_x.addcmul_(inside, correction, value=-1.0)
         else:
             grad_x = None
         grad_gamma = dot if gamma is not None and ctx.needs_input_grad[2] else None
@@ -325,6 +332,8 @@ def masked_batch_norm_training(
     ``mean``/``var`` are the unusable zeros of an empty sum. Gradients flow through the statistics
     to ``view``, ``gamma`` and ``beta``; ``mean``, ``var`` and ``count`` carry none.
     """
+    if not _needs_grad(view, gamma, beta):
+        return _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon)[:4]
     return _MaskedBatchNormTraining.apply(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon)
 
 
@@ -341,8 +350,8 @@ def update_moving_statistics(
 
     ``moving = moving * momentum + batch * (1 - momentum)``, computed as
     ``moving + (1 - momentum) * (batch - moving)`` (one fused ``lerp``) in the wider of the
-    buffer's and the statistics' dtypes and stored in the buffer's. ``valid`` is a bool tensor (``(C,)`` or a scalar) so that the
-    decision stays on the device: no host synchronization.
+    buffer's and the statistics' dtypes and stored in the buffer's. ``valid`` is a bool tensor
+    (``(C,)`` or a scalar), so that the decision stays on the device: no host synchronization.
     """
     for moving, batch in ((moving_mean, mean), (moving_variance, var)):
         # An invalid channel blends with itself, which leaves it exactly as it was.
