@@ -81,6 +81,8 @@ Usage::
 
     python -m batchnorm bench                       # full run: ~30 s on 2 idle cores, minutes if loaded
     python -m batchnorm bench --quick               # small sizes, seconds (CI smoke test)
+    python -m batchnorm bench --sync                # synchronized=True against local statistics,
+                                                    # 2 gloo processes (see sync_benchmark)
     python -m batchnorm bench --cases BEF --modes training --json out.json
     python -m batchnorm.bench --tuned-malloc        # the same, without the dispatcher
 
@@ -94,6 +96,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -455,11 +458,13 @@ def _sample(entry: _Entry, number: int, sync: Callable[[], None]) -> float:
     return elapsed / number / 1e6
 
 
-def _rounds(entries: list[_Entry], count: int, sync, timed: bool, first_round: int = 0) -> None:
+def _rounds(entries: list[_Entry], count: int, sync, timed: bool, first_round: int = 0,
+            before_sample: Callable[[], None] = _nothing) -> None:
     n = len(entries)
     for r in range(count):
         start = (first_round + r) % n
         for entry in entries[start:] + entries[:start]:
+            before_sample()
             if timed:
                 entry.samples_ms.append(_sample(entry, entry.calls_per_sample, sync))
             else:
@@ -727,6 +732,160 @@ def format_table(rows: Sequence[dict], header: dict | None = None) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------- synchronized (--sync)
+
+SYNC_CASE = "B"
+SYNC_MODES = ("training", "training_backward")
+SYNC_WORLD_SIZE = 2
+
+
+class _CollectiveClock:
+    """Wall time spent inside the ``torch.distributed`` collectives that a synchronized layer
+    calls (``batchnorm.distributed`` looks them up at each call, so replacing them here sees
+    them), waiting for the other processes included."""
+
+    NAMES = ("all_reduce", "all_gather_single", "all_gather_into_tensor")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def __enter__(self) -> "_CollectiveClock":
+        import torch.distributed as dist
+
+        self._originals = {name: getattr(dist, name) for name in self.NAMES if hasattr(dist, name)}
+        for name, original in self._originals.items():
+            setattr(dist, name, self._timed(original))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        import torch.distributed as dist
+
+        for name, original in self._originals.items():
+            setattr(dist, name, original)
+
+    def _timed(self, collective: Callable) -> Callable:
+        def call(*args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return collective(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return call
+
+    def attribute(self, entry: _Entry, spent: dict[str, float]) -> None:
+        """Make ``entry``'s calls add the collective time they contain to ``spent[entry.mode]``."""
+        call = entry.call
+
+        def timed_call() -> None:
+            before = self.seconds
+            call()
+            spent[entry.mode] += self.seconds - before
+
+        entry.call = timed_call
+
+
+def _sync_worker(quick: bool, repeats: int, warmup: int) -> list[dict]:
+    """One process of :func:`sync_benchmark`: its own case-B batch, local and synchronized layers."""
+    import torch.distributed as dist
+
+    case = CASES[SYNC_CASE]
+    x, g, _ = _make_inputs(case, quick, torch.device("cpu"), seed=dist.get_rank())
+    entries = []
+    for mode in SYNC_MODES:
+        for synchronized in (False, True):
+            layer = BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON,
+                                       synchronized=synchronized)
+            layer.build(x.shape)
+            impl = "synchronized" if synchronized else "local"
+            entries.append(_entry(mode, impl, functools.partial(layer, training=True), x, g, (layer.gamma, layer.beta)))
+    spent = dict.fromkeys(SYNC_MODES, 0.0)
+    with _CollectiveClock() as clock:
+        for entry in entries:
+            if entry.impl == "synchronized":
+                clock.attribute(entry, spent)
+        # One call per sample, so that every process makes the same calls, and every sample starts
+        # together (a barrier, untimed): a process that ran ahead during a local sample would
+        # otherwise wait inside the next synchronized one. The warm-up rounds include each
+        # synchronized layer's one-off layout check.
+        _rounds(entries, max(1, warmup), _nothing, timed=False, before_sample=dist.barrier)
+        spent.update(dict.fromkeys(SYNC_MODES, 0.0))
+        _rounds(entries, repeats, _nothing, timed=True, first_round=max(1, warmup), before_sample=dist.barrier)
+    by_key = {(e.mode, e.impl): e for e in entries}
+    rows = []
+    for mode in SYNC_MODES:
+        local, synced = by_key[mode, "local"], by_key[mode, "synchronized"]
+        local_ms, sync_ms = statistics.median(local.samples_ms), statistics.median(synced.samples_ms)
+        rows.append({
+            "mode": mode, "rank": dist.get_rank(), "description": case.describe(quick),
+            "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
+            "local_ms": local_ms, "synchronized_ms": sync_ms, "synchronized_over_local": _ratio(sync_ms, local_ms),
+            "collectives_ms": spent[mode] * 1e3 / len(synced.samples_ms),
+            "collectives_share": spent[mode] * 1e3 / sum(synced.samples_ms),
+            "samples_ms": {"local": list(local.samples_ms), "synchronized": list(synced.samples_ms)},
+        })
+    return rows
+
+
+def sync_benchmark(*, quick: bool = False, repeats: int | None = None, warmup: int | None = None,
+                   threads: int | None = None, world_size: int = SYNC_WORLD_SIZE) -> list[dict]:
+    """Synchronized against local training of case B, in ``world_size`` gloo processes here.
+
+    Each process holds its own case-B batch, as under DDP, and times a layer with
+    ``synchronized=False`` and one with ``synchronized=True`` in the training modes, interleaved
+    round-robin as :func:`benchmark` does (one call per sample, so that all processes make the
+    same calls; the median is reported). The time inside the synchronized calls' collectives is
+    measured too, waiting for the slower process included: ``collectives_ms`` per call, and
+    ``collectives_share`` of the synchronized time. Returns every process's rows, rank by rank.
+    ``threads`` per process defaults to the CPUs shared out.
+    """
+    from batchnorm.distributed import run_local_group
+
+    repeats = (QUICK_REPEATS if quick else FULL_REPEATS) if repeats is None else int(repeats)
+    warmup = (QUICK_WARMUP if quick else FULL_WARMUP) if warmup is None else int(warmup)
+    ranks = run_local_group(_sync_worker, world_size, quick, repeats, warmup, threads=threads, timeout_s=300.0)
+    return [row for rows in ranks for row in rows]
+
+
+def format_sync_table(rows: Sequence[dict], header: dict) -> str:
+    """Rank 0's rows of :func:`sync_benchmark` as a text table, under ``header``'s lines."""
+    lines = [
+        f"# batchnorm bench --sync: {header['world_size']} gloo processes on this machine, "
+        f"{header['threads']} thread(s) each, torch {header['torch']}, "
+        f"allocator: {header['allocator']['description']}",
+        f"# each process holds its own batch of case {rows[0]['description']}; rank 0's medians of "
+        f"{header['repeats']} interleaved round-robin repetitions after {header['warmup']} warm-up rounds",
+        f"# command: {header['command']}",
+    ]
+    columns = ["mode", "local ms", "synchronized ms", "sync/local", "collectives ms", "collectives share"]
+    table = [columns] + [
+        [MODE_LABELS[r["mode"]], _fmt(r["local_ms"], 3), _fmt(r["synchronized_ms"], 3),
+         _fmt(r["synchronized_over_local"], 2, "x"), _fmt(r["collectives_ms"], 3),
+         _fmt(100 * r["collectives_share"], 1, " %")]
+        for r in rows if r["rank"] == 0
+    ]
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    for line in table:
+        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
+    lines.append("collectives: one all_gather per forward (the statistics), one all_reduce per backward "
+                 "(the gradient sums); their time includes waiting for the other process")
+    return "\n".join(lines)
+
+
+def _run_sync(args: argparse.Namespace, command: str) -> dict:
+    if torch.device(args.device).type != "cpu":
+        raise ValueError(f"--sync runs its processes on the CPU (gloo), received --device {args.device}")
+    started = time.perf_counter()
+    rows = sync_benchmark(quick=args.quick, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
+    header = {
+        "torch": torch.__version__, "world_size": SYNC_WORLD_SIZE, "command": command,
+        **{key: rows[0][key] for key in ("threads", "repeats", "warmup")},
+        "quick": args.quick, "cpu_count": os.cpu_count(), "loadavg": _loadavg(),
+        "allocator": allocator_settings(), "elapsed_s": time.perf_counter() - started,
+    }
+    print(format_sync_table(rows, header), flush=True)
+    return {"header": header, "rows": rows}
+
+
 # ------------------------------------------------------------------------- command line
 
 def _positive_int(text: str) -> int:
@@ -801,6 +960,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="re-run in a subprocess with " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items())
                              + " so glibc reuses big buffers instead of mapping them afresh "
                                "(default: this process's allocator settings, normally glibc defaults)")
+    parser.add_argument("--sync", action="store_true",
+                        help=f"instead: time synchronized=True against local statistics in training (case "
+                             f"{SYNC_CASE}, forward and forward+backward) in {SYNC_WORLD_SIZE} gloo processes "
+                             "on this machine, and the collectives' share (honours --quick, --repeats, "
+                             "--warmup, --threads, --json, --tuned-malloc)")
     parser.add_argument("--command", dest="command_line", default=None, help=argparse.SUPPRESS)
 
 
@@ -814,6 +978,8 @@ def _child_argv(args: argparse.Namespace, json_path: str, command: str) -> list[
         argv.append("--quick")
     if not args.keras:
         argv.append("--no-keras")
+    if args.sync:
+        argv.append("--sync")
     return argv
 
 
@@ -835,6 +1001,8 @@ def run(args: argparse.Namespace) -> dict:
     tuned_here = all(_STARTUP_ENV.get(k) == v for k, v in TUNED_MALLOC_ENV.items())
     if args.tuned_malloc and not tuned_here:
         return _run_tuned_subprocess(args, command)
+    if args.sync:
+        return _write_json(args, _run_sync(args, command))
     started = time.perf_counter()
     header = describe_environment(device=args.device, threads=args.threads, repeats=args.repeats,
                                   warmup=args.warmup, quick=args.quick, keras=args.keras,
@@ -850,7 +1018,11 @@ def run(args: argparse.Namespace) -> dict:
     header["elapsed_s"] = time.perf_counter() - started
     header["loadavg_end"] = _loadavg()
     print(format_table(rows, header), flush=True)
-    result = {"header": header, "rows": rows}
+    return _write_json(args, {"header": header, "rows": rows})
+
+
+def _write_json(args: argparse.Namespace, result: dict) -> dict:
+    """Write ``result`` to ``--json`` when given; return it."""
     if args.json:
         path = Path(args.json)
         if path.parent != Path(""):
