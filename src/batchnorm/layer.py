@@ -97,9 +97,9 @@ class BatchNormalization(nn.Module):
             :mod:`batchnorm.regularizers` (penalties in :attr:`losses`).
         beta_constraint, gamma_constraint: ``None`` or as above from :mod:`batchnorm.constraints`
             (applied by :meth:`apply_constraints`).
-        synchronized: use the statistics of the whole ``torch.distributed`` group in training.
-            Until synchronization lands, and always when ``torch.distributed`` is not initialized
-            or the group has one process, the statistics are local.
+        synchronized: use the statistics of the whole ``torch.distributed`` group in training
+            (see :mod:`batchnorm.distributed`); local statistics when ``torch.distributed`` is
+            not initialized or the group has one process.
         name: Keras's layer name (unique default ``batch_normalization[_N]``).
         trainable: see above.
         dtype: dtype of the weights and moving statistics: a floating ``torch.dtype``, a Keras
