@@ -11,18 +11,11 @@ import pytest
 import torch
 
 from batchnorm import BatchNormalization
+from state import assert_state_equal, snapshot
 
 
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
-def assert_state_equal(before: dict, module: torch.nn.Module) -> None:
-    after = module.state_dict()
-    assert before.keys() == after.keys()
-    for key in before:
-        assert after[key].dtype == before[key].dtype, key
-        assert torch.equal(before[key], after[key]), f"{key} changed: {before[key]} -> {after[key]}"
 
 
 def built_layer(shape=(2, 3, 4, 5), axis=1, **kwargs) -> BatchNormalization:

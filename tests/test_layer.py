@@ -14,17 +14,11 @@ from batchnorm.constraints import NonNeg
 from batchnorm.regularizers import L2
 
 from reference import batch_moments
+from state import assert_state_equal, snapshot
 
 
-def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
-def assert_state_equal(before: dict, module: nn.Module) -> None:
-    after = module.state_dict()
-    assert before.keys() == after.keys()
-    for key in before:
-        assert torch.equal(before[key], after[key]), key
 
 
 # ------------------------------------------------------------------------------------------ build

@@ -13,6 +13,7 @@ import torch
 from batchnorm import BatchNormalization
 
 from reference import batch_moments, normalize, training_step
+from state import assert_state_equal, snapshot
 
 EPS32 = torch.finfo(torch.float32).eps
 # Relative rounding of one value in each dtype (half an ulp at most, one ulp to be safe).
@@ -27,16 +28,8 @@ UNIT = {
 # ----------------------------------------------------------------------------------- helpers
 
 
-def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {key: value.detach().clone() for key, value in module.state_dict().items()}
 
 
-def assert_state_equal(before: dict, module: torch.nn.Module) -> None:
-    after = module.state_dict()
-    assert before.keys() == after.keys()
-    for key in before:
-        assert after[key].dtype == before[key].dtype, key
-        assert torch.equal(before[key], after[key]), f"{key} changed: {before[key]} -> {after[key]}"
 
 
 def make_layer(shape, axis, *, seed=0, **kwargs) -> BatchNormalization:
@@ -638,3 +631,19 @@ def test_fast_paths_and_fallbacks_match_the_reference(masked, layout, dtype, off
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     assert_near(y, y_ref, tolerance, "output")
     assert_near(x.grad, grads_ref[0], tolerance * 5, "grad x")
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_masked_gradient_with_one_element_and_small_epsilon(seed):
+    # The variance is 0, so invstd = 1/sqrt(epsilon) is large: the gradient's statistics term must
+    # be formed from x - mean (PyTorch's folded x * a + b cancels catastrophically there).
+    shape, axis = (1, 1, 3), 0
+    bn = make_layer(shape, axis, seed=seed, epsilon=1e-5, momentum=0.0)
+    x = random_input(shape, seed=seed, scale=10.0, offset=0.0)
+    mask = torch.zeros(1, 3, dtype=torch.bool)
+    mask[0, seed % 3] = True
+    upstream = random_input(shape, torch.float64, seed=seed + 50, offset=0.0)
+    _, _, _, grads_ref = reference_training(bn, x, mask, weights=upstream)
+    x = x.requires_grad_()
+    (bn(x, training=True, mask=mask).double() * upstream).sum().backward()
+    assert_near(x.grad, grads_ref[0], 1e-4, "grad x")

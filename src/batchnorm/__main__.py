@@ -10,16 +10,6 @@ import argparse
 import sys
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
 def _run_demo(args: argparse.Namespace) -> int:
     from batchnorm.demo import run_demo
 
@@ -35,6 +25,8 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from batchnorm.bench import positive_int, add_arguments  # torch only: no optional dependency
+
     parser = argparse.ArgumentParser(
         prog="python -m batchnorm",
         description="The Keras BatchNormalization layer as a PyTorch module: command-line tools.")
@@ -47,15 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
                     "(a) inference-mode accuracy vs training mode on small batches, "
                     "(b) fine-tuning with a frozen backbone leaves its moving statistics unchanged, "
                     "(c) a PNG figure of the training curve and of moving statistics converging.")
-    demo.add_argument("--epochs", type=_positive_int, default=25, metavar="N",
+    demo.add_argument("--epochs", type=positive_int, default=25, metavar="N",
                       help="training epochs (default: %(default)s)")
     demo.add_argument("--seed", type=int, default=0, metavar="S",
                       help="random seed for the split, initialization and shuffling (default: %(default)s)")
     demo.add_argument("--out", default="demo-out", metavar="DIR",
                       help="directory for the figure (default: %(default)s)")
     demo.set_defaults(func=_run_demo)
-
-    from batchnorm.bench import add_arguments  # torch only: no optional dependency
 
     bench = commands.add_parser(
         "bench", help="time the layer against torch's native batch norm, Keras 3 and a plain copy",

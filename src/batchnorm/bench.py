@@ -888,7 +888,7 @@ def _run_sync(args: argparse.Namespace, command: str) -> dict:
 
 # ------------------------------------------------------------------------- command line
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -939,12 +939,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              + "; ".join(c.describe() for c in CASES.values()).replace("%", "%%"))
     parser.add_argument("--modes", type=_modes_arg, default=list(MODES), metavar="LIST",
                         help=f"comma-separated among {', '.join(MODES)} (default: all)")
-    parser.add_argument("--repeats", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
                         help=f"timed round-robin repetitions; the median is reported "
                              f"(default: {FULL_REPEATS}, --quick: {QUICK_REPEATS})")
     parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="N",
                         help=f"untimed rounds first (default: {FULL_WARMUP}, --quick: {QUICK_WARMUP})")
-    parser.add_argument("--threads", type=_positive_int, default=None, metavar="N",
+    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
                         help="torch.set_num_threads for the run (default: torch's current value)")
     parser.add_argument("--device", default="cpu", metavar="DEVICE",
                         help="torch device, e.g. cpu or cuda (default: %(default)s)")

@@ -183,15 +183,10 @@ def _rounding_of_mean(view: Tensor, inside: Tensor | None, mean: Tensor, count: 
     Near a large mean ``x - mean`` is exact (Sterbenz), and the deviations sum to a small number
     whose own rounding is relative to the spread, not to the mean.
     """
-    deviation = view - _per_channel(mean, view)
+    deviation = view - functional._per_channel(mean, view)
     if inside is not None:
         deviation = torch.where(inside, deviation, 0)
     return deviation.sum([d for d in range(view.dim()) if d != 1]) / count.clamp(min=1)
-
-
-def _per_channel(vector: Tensor, view: Tensor) -> Tensor:
-    """A ``(C,)`` vector shaped to broadcast against a channel view."""
-    return vector.view((-1,) + (1,) * (view.dim() - 2))
 
 
 def _combine(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -227,20 +222,9 @@ def _all_gather(local: Tensor, group: Any) -> Tensor:
 class _SynchronizedBatchNormTraining(torch.autograd.Function):
     r"""Batch normalization with the global batch's statistics; explicit backward.
 
-    Backward, with ``w`` the 0/1 mask weights (1 without a mask), ``n`` the global count,
-    ``xhat = (x - mean) * invstd`` and :math:`\Sigma` sums over every element of every rank's
-    shard (all are normalized, so all depend on the statistics)::
-
-        dgamma = sum_local(dy * xhat)         dbeta = sum_local(dy)
-        dx     = gamma * invstd * (dy - w * (Σ dy + xhat * Σ(dy * xhat)) / n)
-
-    PyTorch's native inference backward gives both local sums in one pass; one all-reduce makes
-    them global. The subtracted term is a per-channel affine function of ``xhat``, so it is an
-    inference batch norm of ``x`` (weight ``gamma * invstd * Σ(dy * xhat) / n``, bias
-    ``gamma * invstd * Σ dy / n``; ``x - mean`` is formed first, so a large mean cancels
-    exactly), and ``gamma * invstd * dy`` is added in place: two more native passes. (The native
-    kernel's own ``dx`` takes several times longer than both on CPU.) Where ``n == 0`` the moving
-    statistics were used and the term vanishes.
+    Backward: :func:`functional.statistics_backward` with its two per-channel sums all-reduced
+    over the group, so that the input gradient is the global batch's (as PyTorch's
+    ``SyncBatchNorm``), while ``dgamma``/``dbeta`` stay this rank's share (DDP sums them).
     """
 
     @staticmethod
@@ -258,28 +242,12 @@ class _SynchronizedBatchNormTraining(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
         view, inside, gamma, mean, var, count = ctx.saved_tensors
-        grad_y = grad_y.reshape(view.shape)
-        if view.numel() == 0:  # the native kernel does not accept an empty input
-            dot, grad_beta = torch.zeros_like(mean), torch.zeros_like(mean)
-        else:
-            _, dot, grad_beta = torch.ops.aten.native_batch_norm_backward(
-                grad_y, view, gamma, mean, var, None, None, False, ctx.epsilon, [False, True, True]
-            )
-        grad_x = None
-        if ctx.needs_input_grad[0]:
-            # Every rank whose input needs a gradient joins, an empty one too.
-            sums = torch.cat([grad_beta, dot]).to(mean.dtype)
-            dist.all_reduce(sums, group=ctx.group)
-            sum_dy, sum_dy_xhat = sums.chunk(2)
-            scale = torch.rsqrt(var + ctx.epsilon) if gamma is None else gamma * torch.rsqrt(var + ctx.epsilon)
-            factor = scale / count.clamp(min=1) * (count > 0)
-            grad_x = functional.normalize(view, mean, var, -factor * sum_dy_xhat, -factor * sum_dy, ctx.epsilon)
-            if inside is not None:
-                grad_x.mul_(inside)
-            grad_x.addcmul_(grad_y, _per_channel(scale, view))
-        grad_gamma = dot if gamma is not None and ctx.needs_input_grad[2] else None
-        grad_beta = grad_beta if ctx.needs_input_grad[3] else None
-        return grad_x, None, grad_gamma, grad_beta, None, None, None, None
+        # Every rank whose input needs a gradient joins the all-reduce, an empty one too.
+        grads = functional.statistics_backward(
+            grad_y, view, inside, gamma, mean, var, count, ctx.epsilon, ctx.needs_input_grad,
+            all_reduce=lambda sums: dist.all_reduce(sums, group=ctx.group),
+        )
+        return grads[0], None, grads[1], grads[2], None, None, None, None
 
 
 # ------------------------------------------------------------------------- local process groups

@@ -17,6 +17,7 @@ inputs in float64.
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 from torch import Tensor
@@ -269,15 +270,7 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
     would cost a synchronization). Masked-out values never enter the statistics, whatever they
     hold (as Keras's ``where(mask, x, 0)``). The output is the native inference kernel's.
 
-    Backward, with ``w`` the 0/1 weights, ``n = sum(w)``, ``xhat = (x - mean) * invstd`` and sums
-    over every element of a channel (all are normalized, so all depend on the statistics)::
-
-        dbeta  = sum(dy)                  dgamma = sum(dy * xhat)
-        dx     = gamma * invstd * (dy - w * (dbeta + xhat * dgamma) / n)
-
-    The first term and both sums are PyTorch's native inference backward; the masked correction is
-    affine in ``x`` per channel, so it costs one temporary and one pass. Where ``n == 0`` the moving
-    statistics were used and the correction vanishes.
+    Backward: :func:`statistics_backward`.
     """
 
     @staticmethod
@@ -293,24 +286,66 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
         view, inside, gamma, mean, var, count = ctx.saved_tensors
-        grad_y = grad_y.reshape(view.shape)
-        grad_x, dot, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            grad_y, view, gamma, mean, var, None, None, False, ctx.epsilon, [True, True, True]
+        grads = statistics_backward(grad_y, view, inside, gamma, mean, var, count, ctx.epsilon, ctx.needs_input_grad)
+        return grads[0], None, grads[1], grads[2], None, None, None
+
+
+def statistics_backward(
+    grad_y: Tensor,
+    view: Tensor,
+    inside: Tensor | None,
+    gamma: Tensor | None,
+    mean: Tensor,
+    var: Tensor,
+    count: Tensor,
+    epsilon: float,
+    needs_input_grad: tuple[bool, ...],
+    all_reduce: Callable[[Tensor], Any] | None = None,
+) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """``(dx, dgamma, dbeta)`` of a normalization by (masked) batch statistics over ``count`` elements.
+
+    With ``w`` the 0/1 mask (1 without one), ``xhat = (x - mean) * invstd`` and sums over every
+    element of a channel (all are normalized, so all depend on the statistics)::
+
+        dbeta  = sum(dy)                  dgamma = sum(dy * xhat)
+        dx     = gamma * invstd * (dy - w * (dbeta + xhat * dgamma) / count)
+
+    PyTorch's native inference backward gives both sums in one pass; the subtracted term, affine
+    in ``xhat`` per channel, takes two more passes and one temporary (the gradient itself). Where
+    ``count == 0`` the moving statistics were used and the term vanishes. ``all_reduce`` (in place,
+    on the packed sums) makes them the sums of a whole process group, for synchronized statistics;
+    ``dgamma``/``dbeta`` stay this process's share. ``needs_input_grad`` is indexed like the
+    Functions' inputs: ``(view, inside, gamma, beta, ...)``.
+    """
+    grad_y = grad_y.reshape(view.shape)
+    if view.numel() == 0:  # the native kernel does not accept an empty input
+        dot, grad_beta = torch.zeros_like(mean), torch.zeros_like(mean)
+    else:
+        _, dot, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_y, view, gamma, mean, var, None, None, False, epsilon, [False, True, True]
         )
-        if ctx.needs_input_grad[0]:
-            invstd = torch.rsqrt(var + ctx.epsilon)
-            factor = invstd if gamma is None else invstd * gamma
-            # dx -= w * (a + b * x) with per-channel a, b; zero where no element was masked in.
-            per_element = torch.where(count > 0, 1.0 / count, 0.0)
-            b = factor * invstd * dot * per_element
-            a = factor * grad_beta * per_element - b * mean
-            correction = torch.addcmul(_per_channel(a, view), view, _per_channel(b, view))
-            grad_x.addcmul_(inside, correction, value=-1.0)
-        else:
-            grad_x = None
-        grad_gamma = dot if gamma is not None and ctx.needs_input_grad[2] else None
-        grad_beta = grad_beta if ctx.needs_input_grad[3] else None
-        return grad_x, None, grad_gamma, grad_beta, None, None, None
+    grad_x = None
+    if needs_input_grad[0]:
+        sums = torch.cat([grad_beta, dot]).to(mean.dtype)
+        if all_reduce is not None:
+            all_reduce(sums)
+        sum_dy, sum_dy_xhat = sums.chunk(2)
+        invstd = torch.rsqrt(var + epsilon)
+        scale = invstd if gamma is None else gamma * invstd
+        factor = scale / count.clamp(min=1) * (count > 0)
+        # The subtracted term, factor * (sum_dy + (x - mean) * invstd * sum_dy_xhat), is formed
+        # from x - mean: the native kernels fold it into x * a + b, which cancels catastrophically
+        # when invstd is large (a variance far below epsilon).
+        grad_x = view - _per_channel(mean, view)
+        torch.addcmul(
+            _per_channel(-factor * sum_dy, view), grad_x, _per_channel(-factor * invstd * sum_dy_xhat, view), out=grad_x
+        )
+        if inside is not None:
+            grad_x.mul_(inside)
+        grad_x = grad_x.addcmul_(grad_y, _per_channel(scale, view)).to(view.dtype)
+    grad_gamma = dot if gamma is not None and needs_input_grad[2] else None
+    grad_beta = grad_beta if needs_input_grad[3] else None
+    return grad_x, grad_gamma, grad_beta
 
 
 def masked_batch_norm_training(
