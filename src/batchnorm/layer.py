@@ -322,7 +322,8 @@ class BatchNormalization(nn.Module):
         if self.synchronized and distributed.is_synchronizing(self.process_group):
             # Every rank joins the collectives, an empty one too.
             y, mean, var, count = distributed.synchronized_batch_norm_training(
-                view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon, self.process_group
+                view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon, self.process_group,
+                key=self,  # the channel-count check runs once per layer
             )
         elif view.numel() == 0:
             # An empty batch has no statistics: it is normalized like inference and updates nothing.
