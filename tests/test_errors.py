@@ -14,10 +14,6 @@ from batchnorm import BatchNormalization
 from state import assert_state_equal, snapshot
 
 
-
-
-
-
 def built_layer(shape=(2, 3, 4, 5), axis=1, **kwargs) -> BatchNormalization:
     """A built layer whose weights and moving statistics are not the defaults."""
     bn = BatchNormalization(axis=axis, **kwargs)

@@ -17,10 +17,6 @@ from reference import batch_moments
 from state import assert_state_equal, snapshot
 
 
-
-
-
-
 # ------------------------------------------------------------------------------------------ build
 
 

@@ -28,10 +28,6 @@ UNIT = {
 # ----------------------------------------------------------------------------------- helpers
 
 
-
-
-
-
 def make_layer(shape, axis, *, seed=0, **kwargs) -> BatchNormalization:
     """A built layer with random (non-default) gamma, beta and moving statistics."""
     kwargs.setdefault("momentum", 0.8)
