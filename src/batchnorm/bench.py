@@ -32,8 +32,10 @@ Timing
     implementation rotates each round): ``warmup`` untimed rounds, then ``repeats`` timed rounds;
     the reported figure is the median. ``torch.set_num_threads`` is fixed for the whole run (and
     restored afterwards). Each timed sample calls the implementation ``calls_per_sample`` times,
-    chosen after warm-up so that a sample lasts at least ``min_sample_ms`` (1 for every full-size
-    case on a CPU; more for the tiny ``quick`` sizes). A call allocates and frees its own outputs
+    chosen after warm-up so that the fastest implementation of the mode makes samples of at
+    least ``min_sample_ms``; every implementation of a mode uses the same count. An untimed call
+    of the same implementation precedes each sample, so that no sample pays for what the entry
+    before it left behind (a heap that glibc trimmed, evicted caches). A call allocates and frees its own outputs
     inside the timed region: the forward output is dropped on return, and a backward call starts
     by setting ``.grad = None`` on x, gamma and beta (as ``zero_grad(set_to_none=True)`` would), so
     the previous call's gradients are freed inside the timing. Python's garbage collector is
@@ -459,12 +461,21 @@ def _sample(entry: _Entry, number: int, sync: Callable[[], None]) -> float:
 
 
 def _rounds(entries: list[_Entry], count: int, sync, timed: bool, first_round: int = 0,
-            before_sample: Callable[[], None] = _nothing) -> None:
+            before_sample: Callable[[], None] = _nothing, lead_in: bool = True) -> None:
+    """``count`` round-robin rounds of one sample per entry (timed: ``calls_per_sample`` calls).
+
+    With ``lead_in`` each timed sample follows one untimed call of the same entry, which leaves
+    the caches and the allocator as that implementation's own calls leave them: no sample pays
+    for what the entry before it did (a trimmed heap, evicted caches), and round-robin order
+    always puts the same neighbour before an entry.
+    """
     n = len(entries)
     for r in range(count):
         start = (first_round + r) % n
         for entry in entries[start:] + entries[:start]:
             before_sample()
+            if timed and lead_in:
+                entry.call()
             if timed:
                 entry.samples_ms.append(_sample(entry, entry.calls_per_sample, sync))
             else:
@@ -479,9 +490,14 @@ def _measure_case(entries: list[_Entry], repeats: int, warmup: int, min_sample_m
     gc.disable()
     try:
         _rounds(entries, max(1, warmup), sync, timed=False)
+        # Implementations compared in one mode make samples of the same number of calls, set by
+        # the fastest: a sample of one call also times the first call after another entry
+        # (colder caches, perf_counter), which a sample of several calls spreads out.
+        fastest_ms: dict[str, float] = {}
         for entry in entries:
-            fastest = max(min(entry.warm_ms), 1e-6)
-            entry.calls_per_sample = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / fastest)))
+            fastest_ms[entry.mode] = min(fastest_ms.get(entry.mode, math.inf), max(min(entry.warm_ms), 1e-6))
+        for entry in entries:
+            entry.calls_per_sample = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / fastest_ms[entry.mode])))
             entry.peak_bytes = _peak_bytes(entry, device)
             entry.faults = entry.calls = 0
         _rounds(entries, repeats, sync, timed=True, first_round=max(1, warmup))
@@ -803,13 +819,15 @@ def _sync_worker(quick: bool, repeats: int, warmup: int) -> list[dict]:
         for entry in entries:
             if entry.impl == "synchronized":
                 clock.attribute(entry, spent)
-        # One call per sample, so that every process makes the same calls, and every sample starts
-        # together (a barrier, untimed): a process that ran ahead during a local sample would
-        # otherwise wait inside the next synchronized one. The warm-up rounds include each
+        # One call per sample and no untimed lead-in call (whose collectives the clock would
+        # count), so that every process makes the same calls, and every sample starts together
+        # (a barrier, untimed): a process that ran ahead during a local sample would otherwise
+        # wait inside the next synchronized one. The warm-up rounds include each
         # synchronized layer's one-off layout check.
         _rounds(entries, max(1, warmup), _nothing, timed=False, before_sample=dist.barrier)
         spent.update(dict.fromkeys(SYNC_MODES, 0.0))
-        _rounds(entries, repeats, _nothing, timed=True, first_round=max(1, warmup), before_sample=dist.barrier)
+        _rounds(entries, repeats, _nothing, timed=True, first_round=max(1, warmup), before_sample=dist.barrier,
+                lead_in=False)
     by_key = {(e.mode, e.impl): e for e in entries}
     rows = []
     for mode in SYNC_MODES:
