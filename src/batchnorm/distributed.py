@@ -82,14 +82,14 @@ def synchronized_batch_norm_training(
     process_group: Any = None,
     key: Any = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize this rank's shard with the global batch's statistics; return ``(y, mean, var, count)``.
+    """Normalize this rank's shard with the global batch's statistics; return ``(y, mean, var, valid)``.
 
     ``view`` is the channel view of this rank's input (``(M, C)`` or ``(A, C, B)``, possibly
     empty) and ``inside`` ``None`` or its boolean mask view (``C`` replaced by 1). The statistics
-    are those of the masked-in elements of every rank's shard (module docstring); ``count`` is the
-    global element count per channel (a 0-dim tensor). Where ``count == 0`` nothing has
-    statistics: ``y`` is normalized with ``fallback_mean``/``fallback_var`` and ``mean``/``var``
-    are unusable zeros. ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta`` has ``view``'s
+    are those of the masked-in elements of every rank's shard (module docstring). ``valid`` (a
+    bool tensor) tells the channels whose statistics may update the moving ones: finite ones of a
+    global batch with at least one element. With no element at all nothing has statistics: ``y``
+    is normalized with ``fallback_mean``/``fallback_var`` and ``mean``/``var`` are unusable zeros. ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta`` has ``view``'s
     shape and dtype; input gradients are those of the global batch, ``gamma``/``beta`` gradients
     this rank's share of them (their sum over ranks, as DDP forms it, is the global batch's).
     Collective: must be called by every rank of the group.
@@ -164,13 +164,12 @@ def _local_statistics(view: Tensor, inside: Tensor | None) -> Tensor:
         return torch.zeros(1 + 3 * channels, dtype=dtype, device=view.device)
     with torch.no_grad():
         if inside is None:
-            _, mean, var = functional.batch_norm_training(view, None, None, 1.0)
+            _, mean, var, _ = functional.batch_norm_training(view, None, None, 1.0)
             count = torch.full((1,), view.numel() // channels, dtype=dtype, device=view.device)
         else:
             zeros = torch.zeros(channels, dtype=dtype, device=view.device)
-            _, mean, var, count = functional.masked_batch_norm_training(
-                view, inside, None, None, zeros, zeros, 1.0
-            )
+            _, mean, var, _ = functional.masked_batch_norm_training(view, inside, None, None, zeros, zeros, 1.0)
+            count = inside.sum(dtype=dtype)
         rounding = torch.zeros_like(mean)
         if view.device.type != "cpu" or bool((mean.square() > _ROUNDING_RATIO * var).any()):
             rounding = _rounding_of_mean(view, inside, mean, count)
@@ -236,11 +235,11 @@ class _SynchronizedBatchNormTraining(torch.autograd.Function):
         y = functional.normalize(view, used_mean, used_var, gamma, beta, epsilon)
         ctx.save_for_backward(view, inside, gamma, used_mean, used_var, count)
         ctx.epsilon, ctx.group = epsilon, group
-        ctx.mark_non_differentiable(mean, var, count)
-        return y, mean, var, count
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var, functional.valid_statistics(mean, var, count)
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
+    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_valid):
         view, inside, gamma, mean, var, count = ctx.saved_tensors
         # Every rank whose input needs a gradient joins the all-reduce, an empty one too.
         grads = functional.statistics_backward(

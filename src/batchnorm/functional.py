@@ -28,6 +28,7 @@ __all__ = [
     "check_mask",
     "mask_view",
     "normalize",
+    "valid_statistics",
     "batch_norm_training",
     "masked_batch_norm_training",
     "update_moving_statistics",
@@ -86,18 +87,39 @@ def mask_view(mask: Tensor, shape: torch.Size, axis: int) -> Tensor:
 
 
 def normalize(
-    view: Tensor, mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, epsilon: float
+    view: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    epsilon: float,
+    out: Tensor | None = None,
 ) -> Tensor:
     """Inference normalization ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta``.
 
     ``mean``/``var`` are constants (no gradient flows into them); gradients flow to ``view``,
     ``gamma`` and ``beta``. All ``(C,)`` tensors must be in ``compute_dtype(view.dtype)``.
+    ``out`` (shaped and typed like ``view``, outside autograd) receives ``y`` instead of a new
+    tensor; it may hold anything before, as it is only written.
     """
     # PyTorch's inference kernel: one pass over x for any layout, mixed 16-bit/float32 included;
     # with training=False it only reads mean/var.
-    return torch.batch_norm(
-        view, gamma, beta, mean, var, False, 0.0, epsilon, torch.backends.cudnn.enabled
-    )
+    if out is None:
+        return torch.batch_norm(view, gamma, beta, mean, var, False, 0.0, epsilon, torch.backends.cudnn.enabled)
+    empty = mean.new_empty(0)  # the kernel's saved statistics, which inference does not fill
+    return torch.ops.aten.native_batch_norm.out(
+        view, gamma, beta, mean, var, False, 0.0, epsilon, out=out, save_mean=empty, save_invstd=empty
+    )[0]
+
+
+def valid_statistics(mean: Tensor, var: Tensor, count: Tensor | None = None) -> Tensor:
+    """The channels whose batch statistics may update the moving ones (SPEC section 5).
+
+    True where ``mean`` and ``var`` are finite and, when ``count`` (elements per channel) is
+    given, ``count > 0``. A bool tensor on the statistics' device: no host synchronization.
+    """
+    valid = mean.isfinite() & var.isfinite()
+    return valid if count is None else valid & (count > 0)
 
 
 # PyTorch's eager CPU kernels give one-pass statistics, E[x^2] - E[x]^2, whose error grows with the
@@ -110,51 +132,42 @@ _TRUSTED_RATIO_CHANNEL_SUMS = 4.0
 
 
 def _native_training(view: Tensor, gamma, beta, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
-    """PyTorch's training kernel, with its batch statistics caught in scratch running buffers."""
+    """PyTorch's training kernel, with its batch statistics caught in scratch running buffers.
+
+    Differentiable as PyTorch's own batch norm is: autograd records the kernel's native backward.
+    """
     channels = view.shape[1]
     n = view.numel() // channels
     mean = torch.zeros(channels, dtype=compute_dtype(view.dtype), device=view.device)
-    var = torch.zeros_like(mean)
+    unbiased = torch.zeros_like(mean)
     # momentum=1: the "running" buffers receive exactly this batch's mean and unbiased variance.
-    y = torch.batch_norm(view, gamma, beta, mean, var, True, 1.0, epsilon, torch.backends.cudnn.enabled)
+    y = torch.batch_norm(view, gamma, beta, mean, unbiased, True, 1.0, epsilon, torch.backends.cudnn.enabled)
     # Keras's variance is the biased one; with a single element it is 0 (the kernel gives 0/0).
-    return y, mean, var.mul_((n - 1) / n) if n > 1 else var.zero_()
+    # Out of place: autograd keeps the running buffers for the backward.
+    return y, mean, unbiased * ((n - 1) / n) if n > 1 else torch.zeros_like(unbiased)
 
 
 def _moments(view: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Biased mean and variance by Welford's algorithm, accumulated in ``accumulate``."""
-    var, mean = torch.var_mean(view.to(accumulate), dim=_reduced_dims(view), correction=0)
+    """Biased mean and variance by Welford's algorithm, accumulated in ``accumulate``; no gradient."""
+    var, mean = torch.var_mean(view.detach().to(accumulate), dim=_reduced_dims(view), correction=0)
     stats_dtype = compute_dtype(view.dtype)
     return mean.to(stats_dtype), var.to(stats_dtype)
 
 
-def _trusted(mean: Tensor, var: Tensor, ratio: float) -> bool:
-    """Whether one-pass statistics are accurate: ``mean^2 <= ratio * var`` (NaN/Inf pass as is).
+def _eager_cpu(view: Tensor) -> bool:
+    """Whether ``view`` meets PyTorch's eager CPU kernels, where reading a result on the host is free."""
+    return view.device.type == "cpu" and not torch.compiler.is_compiling()
 
-    Reads a CPU tensor, which costs no synchronization. Not asked for a single element per
-    channel, whose variance is exactly 0.
+
+def _finite_and_accurate(mean: Tensor, var: Tensor, ratio: float) -> bool:
+    """Whether every channel's one-pass statistics are finite and accurate: ``mean^2 <= ratio * var < inf``.
+
+    One fused check read on the host: ``var - mean^2 / ratio`` is at least 0 and finite in every
+    channel exactly then (a NaN fails both tests). ``ratio = inf`` asks for finiteness only.
+    Only for CPU tensors, whose reading costs no synchronization.
     """
-    return not bool((mean.square() > ratio * var).any())
-
-
-def _training_forward(view: Tensor, gamma, beta, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
-    """Output and batch statistics ``(y, mean, var)``: PyTorch's native training kernel.
-
-    Where that kernel is PyTorch's eager CPU one and the statistics show a mean too large for its
-    one-pass variance (see ``_TRUSTED_RATIO_TRAINING_KERNEL``), the moments are recomputed by
-    Welford's algorithm (``torch.var_mean``) and the output by the inference kernel. CUDA's kernels
-    use Welford already.
-    """
-    if torch.compiler.is_compiling():
-        # Inductor's float32 reductions accumulate sequentially and lose the mean of large-offset
-        # data: accumulate in float64 inside the fused reduction (no float64 copy is made).
-        mean, var = _moments(view, torch.float64)
-        return normalize(view, mean, var, gamma, beta, epsilon), mean, var
-    y, mean, var = _native_training(view, gamma, beta, epsilon)
-    if view.device.type == "cpu" and view.numel() > view.shape[1] and not _trusted(mean, var, _TRUSTED_RATIO_TRAINING_KERNEL):
-        mean, var = _moments(view, compute_dtype(view.dtype))
-        y = normalize(view, mean, var, gamma, beta, epsilon)
-    return y, mean, var
+    lowest, highest = torch.addcmul(var, mean, mean, value=-1.0 / ratio).aminmax()
+    return lowest.item() >= 0 and highest.item() < math.inf
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -162,44 +175,69 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-class _BatchNormTraining(torch.autograd.Function):
-    """Batch normalization with batch statistics: PyTorch's native kernels both ways.
+class _NormalizeByBatchStatistics(torch.autograd.Function):
+    """``normalize`` with statistics computed elsewhere, differentiated as if the kernel had taken them.
 
-    Forward: :func:`_training_forward`. Backward: PyTorch's own training backward, given the
-    statistics used.
+    Forward: the inference kernel. Backward: PyTorch's native training backward given these
+    statistics, i.e. the gradient through them too.
     """
 
     @staticmethod
-    def forward(ctx, view: Tensor, gamma, beta, epsilon: float):
-        y, mean, var = _training_forward(view, gamma, beta, epsilon)
+    def forward(ctx, view: Tensor, gamma, beta, mean: Tensor, var: Tensor, epsilon: float):
         ctx.save_for_backward(view, gamma, mean, var)
         ctx.epsilon = epsilon
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var
+        return normalize(view, mean, var, gamma, beta, epsilon)
 
     @staticmethod
-    def backward(ctx, grad_y: Tensor, _grad_mean, _grad_var):
+    def backward(ctx, grad_y: Tensor):
         view, gamma, mean, var = ctx.saved_tensors
         invstd = torch.rsqrt(var + ctx.epsilon)
         wanted = [ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]]
         grad_x, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
             grad_y.reshape(view.shape), view, gamma, None, None, mean, invstd, True, ctx.epsilon, wanted
         )
-        return grad_x, grad_gamma, grad_beta, None
+        return grad_x, grad_gamma, grad_beta, None, None, None
+
+
+def _normalize_by_batch_statistics(view: Tensor, gamma, beta, mean: Tensor, var: Tensor, epsilon: float) -> Tensor:
+    if not _needs_grad(view, gamma, beta):
+        return normalize(view, mean, var, gamma, beta, epsilon)
+    return _NormalizeByBatchStatistics.apply(view, gamma, beta, mean, var, epsilon)
 
 
 def batch_norm_training(
     view: Tensor, gamma: Tensor | None, beta: Tensor | None, epsilon: float
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Normalize with the batch's own statistics; return ``(y, mean, var)``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor | bool]:
+    """Normalize with the batch's own statistics; return ``(y, mean, var, valid)``.
 
     ``mean = mean_R(x)``, ``var = mean_R((x - mean)**2)`` (biased) and
     ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta``, with the full batch-norm gradient
     (through the statistics) to ``view``, ``gamma`` and ``beta``. ``mean``/``var`` carry no gradient.
+    ``valid`` tells the channels whose statistics may update the moving ones: a bool tensor, or
+    ``True`` when every channel's are (known without a synchronization, on CPU).
+
+    PyTorch's training kernel computes all of it, and autograd its native backward. On PyTorch's
+    eager CPU kernels one host check tells whether the statistics are finite (``valid = True``)
+    and whether the mean is small enough for the kernel's one-pass variance (see
+    ``_TRUSTED_RATIO_TRAINING_KERNEL``); if not, the moments are recomputed by Welford's algorithm
+    (``torch.var_mean``) and the output by the inference kernel, with the same gradient. CUDA's
+    kernels use Welford already.
     """
-    if not _needs_grad(view, gamma, beta):
-        return _training_forward(view, gamma, beta, epsilon)
-    return _BatchNormTraining.apply(view, gamma, beta, epsilon)
+    if torch.compiler.is_compiling():
+        # Inductor's float32 reductions accumulate sequentially and lose the mean of large-offset
+        # data: accumulate in float64 inside the fused reduction (no float64 copy is made).
+        mean, var = _moments(view, torch.float64)
+    else:
+        y, mean, var = _native_training(view, gamma, beta, epsilon)
+        if view.device.type != "cpu":
+            return y, mean, var, valid_statistics(mean, var)
+        # A single element per channel has the exact variance 0: only finiteness is in question.
+        ratio = _TRUSTED_RATIO_TRAINING_KERNEL if view.numel() > view.shape[1] else math.inf
+        if _finite_and_accurate(mean, var, ratio):
+            return y, mean, var, True
+        mean, var = _moments(view, compute_dtype(view.dtype))
+    y = _normalize_by_batch_statistics(view, gamma, beta, mean, var, epsilon)
+    return y, mean, var, valid_statistics(mean, var)
 
 
 def _channel_sums(view: Tensor) -> tuple[Tensor, Tensor]:
@@ -236,28 +274,32 @@ def _masked_moments(masked: Tensor, inside: Tensor, count: Tensor, accumulate: t
 
 
 def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float):
-    """``(y, mean, var, count, used_mean, used_var)`` of a masked training call (see below)."""
+    """``(y, mean, var, valid, count, used_mean, used_var)`` of a masked training call (see below)."""
     dtype = compute_dtype(view.dtype)
     count = inside.sum(dtype=dtype)
     # The fast sums are PyTorch's vectorized CPU kernel; its strided fallback accumulates 16-bit
     # inputs in 16 bits, so other layouts take the stable path too.
-    if torch.compiler.is_compiling() or view.device.type != "cpu" or not view.is_contiguous():
-        accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
-        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, accumulate)
-    else:
-        # A product with the 0/1 weights is far faster than where() on CPU, but lets a masked-out
-        # NaN or Inf through (0 * NaN): then, as for a large offset, the stable path decides.
-        sums, sum_squares = _channel_sums(view * inside.to(view.dtype))
+    if _eager_cpu(view) and view.is_contiguous():
+        # The output buffer holds the masked input first: a product with the 0/1 weights is far
+        # faster than where() on CPU, but lets a masked-out NaN or Inf through (0 * NaN), which
+        # the check below sends, as a large offset, to the stable path.
+        y = torch.mul(view, inside, out=torch.empty_like(view))
+        sums, sum_squares = _channel_sums(y)
         safe_count = count.clamp(min=1)
         mean = sums / safe_count
-        var = (sum_squares / safe_count - mean.square()).clamp(min=0)
-        if not (bool(sum_squares.isfinite().all()) and _trusted(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS)):
-            mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, dtype)
+        var = torch.addcmul(sum_squares / safe_count, mean, mean, value=-1).clamp_(min=0)
+        if _finite_and_accurate(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS) and count.item() > 0:
+            return normalize(view, mean, var, gamma, beta, epsilon, out=y), mean, var, True, count, mean, var
+        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, dtype)
+    else:
+        accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
+        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, accumulate)
+        y = torch.empty_like(view)
     has_elements = count > 0
     used_mean = torch.where(has_elements, mean, fallback_mean)
     used_var = torch.where(has_elements, var, fallback_var)
-    y = normalize(view, used_mean, used_var, gamma, beta, epsilon)
-    return y, mean, var, count, used_mean, used_var
+    y = normalize(view, used_mean, used_var, gamma, beta, epsilon, out=y)
+    return y, mean, var, valid_statistics(mean, var, count), count, used_mean, used_var
 
 
 class _MaskedBatchNormTraining(torch.autograd.Function):
@@ -275,16 +317,16 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float):
-        y, mean, var, count, used_mean, used_var = _masked_forward(
+        y, mean, var, valid, count, used_mean, used_var = _masked_forward(
             view, inside, gamma, beta, fallback_mean, fallback_var, epsilon
         )
         ctx.save_for_backward(view, inside, gamma, used_mean, used_var, count)
         ctx.epsilon = epsilon
-        ctx.mark_non_differentiable(mean, var, count)
-        return y, mean, var, count
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var, valid
 
     @staticmethod
-    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_count):
+    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_valid):
         view, inside, gamma, mean, var, count = ctx.saved_tensors
         grads = statistics_backward(grad_y, view, inside, gamma, mean, var, count, ctx.epsilon, ctx.needs_input_grad)
         return grads[0], None, grads[1], grads[2], None, None, None
@@ -356,42 +398,47 @@ def masked_batch_norm_training(
     fallback_mean: Tensor,
     fallback_var: Tensor,
     epsilon: float,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize with the statistics of the masked-in elements; return ``(y, mean, var, count)``.
+) -> tuple[Tensor, Tensor, Tensor, Tensor | bool]:
+    """Normalize with the statistics of the masked-in elements; return ``(y, mean, var, valid)``.
 
     With ``inside`` the boolean mask view (broadcast over channels) and ``I`` the positions where
     it is True: ``count = |I|``, ``mean = sum_I(x) / count``, ``var = sum_I((x - mean)**2) / count``,
     and every element (masked-out ones included) is normalized with them. Values outside ``I``
     never enter the statistics, not even a NaN. Where ``count == 0`` there are no statistics:
     ``fallback_mean``/``fallback_var`` (the moving statistics) are used instead, and the returned
-    ``mean``/``var`` are the unusable zeros of an empty sum. Gradients flow through the statistics
-    to ``view``, ``gamma`` and ``beta``; ``mean``, ``var`` and ``count`` carry none.
+    ``mean``/``var`` are the unusable zeros of an empty sum. ``valid`` is as in
+    :func:`batch_norm_training`, False where ``count == 0``. Gradients flow through the statistics
+    to ``view``, ``gamma`` and ``beta``; ``mean`` and ``var`` carry none.
     """
     if not _needs_grad(view, gamma, beta):
         return _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon)[:4]
     return _MaskedBatchNormTraining.apply(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon)
 
 
-@torch.no_grad()
 def update_moving_statistics(
     moving_mean: Tensor,
     moving_variance: Tensor,
     mean: Tensor,
     var: Tensor,
     momentum: float,
-    valid: Tensor,
+    valid: Tensor | bool,
 ) -> None:
     """Keras's moving-average update, in place, only for the channels where ``valid`` is True.
 
     ``moving = moving * momentum + batch * (1 - momentum)``, computed as
     ``moving + (1 - momentum) * (batch - moving)`` (one fused ``lerp``) in the wider of the
-    buffer's and the statistics' dtypes and stored in the buffer's. ``valid`` is a bool tensor
-    (``(C,)`` or a scalar), so that the decision stays on the device: no host synchronization.
+    buffer's and the statistics' dtypes and stored in the buffer's. ``valid`` is ``True`` (every
+    channel) or a bool tensor (``(C,)`` or a scalar), so that the decision can stay on the device:
+    no host synchronization. No gradient flows: the batch statistics are detached if need be
+    (the training functions' carry none), and the buffers must not require one.
     """
     for moving, batch in ((moving_mean, mean), (moving_variance, var)):
+        if batch.requires_grad:
+            batch = batch.detach()
         # An invalid channel blends with itself, which leaves it exactly as it was.
-        target = torch.where(valid, batch, moving)
-        if target.dtype == moving.dtype:
+        target = batch if valid is True else torch.where(valid, batch, moving)
+        if target.dtype != moving.dtype:  # blend in the wider dtype, store in the buffer's
+            wide = torch.promote_types(moving.dtype, target.dtype)
+            moving.copy_(moving.to(wide, copy=True).lerp_(target.to(wide), 1.0 - momentum))
+        else:
             moving.lerp_(target, 1.0 - momentum)
-        else:  # blend in the wider dtype, store in the buffer's
-            moving.copy_(moving.to(target.dtype).lerp_(target, 1.0 - momentum))

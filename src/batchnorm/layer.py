@@ -275,13 +275,17 @@ class BatchNormalization(nn.Module):
 
     def _check_call(self, inputs: Tensor, mask: Tensor | None) -> int:
         """Validate a call before anything is built or written; return the channel axis."""
-        if self._built_shape is not None and inputs.dim() != len(self._built_shape):
+        if not inputs.is_floating_point() and inputs.is_complex():
+            raise TypeError(f"inputs must be real, received dtype={inputs.dtype}")
+        shape = inputs.shape
+        if self._built_shape is not None and len(shape) != len(self._built_shape):
             self._raise_shape_mismatch(inputs)
-        axis = self._channel_axis(inputs.shape)
-        if self.built and inputs.shape[axis] != self.moving_variance.shape[0]:
+        axis = self._channel_axis(shape)
+        moving_variance = self.moving_variance
+        if moving_variance is not None and shape[axis] != moving_variance.shape[0]:
             self._raise_shape_mismatch(inputs)
         if mask is not None:
-            functional.check_mask(mask, inputs.shape, axis)
+            functional.check_mask(mask, shape, axis)
         return axis
 
     def _raise_shape_mismatch(self, inputs: Tensor) -> None:
@@ -295,33 +299,31 @@ class BatchNormalization(nn.Module):
 
     def forward(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
         """Normalize ``inputs``; see the class docstring for the formulas and the mode rule."""
-        if inputs.is_complex():
-            raise TypeError(f"inputs must be real, received dtype={inputs.dtype}")
         if mask is not None and not isinstance(mask, Tensor):
             mask = torch.as_tensor(mask, device=inputs.device)
         axis = self._check_call(inputs, mask)
-        if not self.built:
-            self._create_weights(inputs.shape[axis], self._device or inputs.device)
-        if self._built_shape is None:
+        if self._built_shape is None:  # the first call fixes the rank, and builds unless loaded
+            if not self.built:
+                self._create_weights(inputs.shape[axis], self._device or inputs.device)
             self._built_shape = tuple(inputs.shape)
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
         dtype = functional.compute_dtype(x.dtype)
-        gamma, beta, moving_mean, moving_variance = (
-            None if t is None else t.to(dtype) for t in (self.gamma, self.beta, self.moving_mean, self.moving_variance)
-        )
+        gamma, beta, moving_mean, moving_variance = self.gamma, self.beta, self.moving_mean, self.moving_variance
+        if moving_variance.dtype != dtype:  # e.g. float32 weights meeting float64 inputs
+            gamma, beta, moving_mean, moving_variance = (
+                None if t is None else t.to(dtype) for t in (gamma, beta, moving_mean, moving_variance)
+            )
         view = functional.channel_view(x, axis)
         if training is None:
             training = self.training
         if not (training and self._trainable):
-            y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
-            return y.reshape(x.shape)
+            return functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon).reshape(x.shape)
 
         inside = None if mask is None else functional.mask_view(mask.to(x.device), x.shape, axis)
-        count = None
         if self.synchronized and distributed.is_synchronizing(self.process_group):
             # Every rank joins the collectives, an empty one too.
-            y, mean, var, count = distributed.synchronized_batch_norm_training(
+            y, mean, var, valid = distributed.synchronized_batch_norm_training(
                 view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon, self.process_group,
                 key=self,  # the channel-count check runs once per layer
             )
@@ -330,14 +332,11 @@ class BatchNormalization(nn.Module):
             y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
             return y.reshape(x.shape)
         elif inside is None:
-            y, mean, var = functional.batch_norm_training(view, gamma, beta, self.epsilon)
+            y, mean, var, valid = functional.batch_norm_training(view, gamma, beta, self.epsilon)
         else:
-            y, mean, var, count = functional.masked_batch_norm_training(
+            y, mean, var, valid = functional.masked_batch_norm_training(
                 view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon
             )
-        valid = mean.isfinite() & var.isfinite()
-        if count is not None:  # no element at all: no statistics (the moving ones were used)
-            valid &= count > 0
         functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
         return y.reshape(x.shape)
 
