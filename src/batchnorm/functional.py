@@ -81,9 +81,12 @@ def mask_view(mask: Tensor, shape: torch.Size, axis: int) -> Tensor:
 
     Non-zero mask values count as True (as Keras 3.15, which casts the mask to bool).
     """
+    inside = (mask if mask.dtype == torch.bool else mask != 0).unsqueeze(axis)
     full = list(shape)
     full[axis] = 1
-    return channel_view((mask != 0).unsqueeze(axis).expand(full), axis)
+    if list(inside.shape) != full:  # size-1 dimensions broadcast
+        inside = inside.expand(full)
+    return channel_view(inside, axis)
 
 
 def normalize(
@@ -245,12 +248,11 @@ def _channel_sums(view: Tensor) -> tuple[Tensor, Tensor]:
 
     PyTorch's inference-mode batch-norm backward computes exactly these two reductions,
     ``sum(dy)`` and ``sum(dy * (x - mean) * invstd)``, fused and vectorized for every layout;
-    with ``dy = x``, ``mean = 0`` and ``invstd = 1`` they are the sums wanted.
+    with ``dy = x``, ``mean = 0`` and ``invstd = 1 / sqrt(0 + 1)`` they are the sums wanted.
     """
-    channels = view.shape[1]
-    zeros = torch.zeros(channels, dtype=compute_dtype(view.dtype), device=view.device)
+    zeros = torch.zeros(view.shape[1], dtype=compute_dtype(view.dtype), device=view.device)
     _, sum_squares, sums = torch.ops.aten.native_batch_norm_backward(
-        view, view, None, zeros, torch.ones_like(zeros), None, None, False, 0.0, [False, True, True]
+        view, view, None, zeros, zeros, None, None, False, 1.0, [False, True, True]
     )
     return sums, sum_squares
 
@@ -274,22 +276,25 @@ def _masked_moments(masked: Tensor, inside: Tensor, count: Tensor, accumulate: t
 
 
 def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float):
-    """``(y, mean, var, valid, count, used_mean, used_var)`` of a masked training call (see below)."""
+    """``(y, mean, var, valid, count, used_mean, used_var)`` of a masked training call (see below).
+
+    ``count`` is a number where the host read it (CPU), else a 0-dim tensor.
+    """
     dtype = compute_dtype(view.dtype)
     count = inside.sum(dtype=dtype)
     # The fast sums are PyTorch's vectorized CPU kernel; its strided fallback accumulates 16-bit
     # inputs in 16 bits, so other layouts take the stable path too.
-    if _eager_cpu(view) and view.is_contiguous():
+    if _eager_cpu(view) and view.is_contiguous() and count.item() > 0:
         # The output buffer holds the masked input first: a product with the 0/1 weights is far
         # faster than where() on CPU, but lets a masked-out NaN or Inf through (0 * NaN), which
         # the check below sends, as a large offset, to the stable path.
         y = torch.mul(view, inside, out=torch.empty_like(view))
         sums, sum_squares = _channel_sums(y)
-        safe_count = count.clamp(min=1)
-        mean = sums / safe_count
-        var = torch.addcmul(sum_squares / safe_count, mean, mean, value=-1).clamp_(min=0)
-        if _finite_and_accurate(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS) and count.item() > 0:
-            return normalize(view, mean, var, gamma, beta, epsilon, out=y), mean, var, True, count, mean, var
+        n = count.item()
+        mean = sums / n
+        var = torch.addcmul(sum_squares, sums, mean, value=-1).div_(n)  # may round below 0: not accepted
+        if _finite_and_accurate(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS):
+            return normalize(view, mean, var, gamma, beta, epsilon, out=y), mean, var, True, n, mean, var
         mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, dtype)
     else:
         accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
@@ -320,15 +325,19 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
         y, mean, var, valid, count, used_mean, used_var = _masked_forward(
             view, inside, gamma, beta, fallback_mean, fallback_var, epsilon
         )
-        ctx.save_for_backward(view, inside, gamma, used_mean, used_var, count)
-        ctx.epsilon = epsilon
+        ctx.save_for_backward(view, inside, gamma, used_mean, used_var)
+        ctx.count, ctx.epsilon = count, epsilon  # count: an intermediate (tensor) or a number
+        ctx.small_mean = valid is True  # the fast path checked mean^2 <= 4 var
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var, valid
 
     @staticmethod
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_valid):
-        view, inside, gamma, mean, var, count = ctx.saved_tensors
-        grads = statistics_backward(grad_y, view, inside, gamma, mean, var, count, ctx.epsilon, ctx.needs_input_grad)
+        view, inside, gamma, mean, var = ctx.saved_tensors
+        grads = statistics_backward(
+            grad_y, view, inside, gamma, mean, var, ctx.count, ctx.epsilon, ctx.needs_input_grad,
+            small_mean=ctx.small_mean,
+        )
         return grads[0], None, grads[1], grads[2], None, None, None
 
 
@@ -339,10 +348,11 @@ def statistics_backward(
     gamma: Tensor | None,
     mean: Tensor,
     var: Tensor,
-    count: Tensor,
+    count: Tensor | float,
     epsilon: float,
     needs_input_grad: tuple[bool, ...],
     all_reduce: Callable[[Tensor], Any] | None = None,
+    small_mean: bool = False,
 ) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
     """``(dx, dgamma, dbeta)`` of a normalization by (masked) batch statistics over ``count`` elements.
 
@@ -353,11 +363,13 @@ def statistics_backward(
         dx     = gamma * invstd * (dy - w * (dbeta + xhat * dgamma) / count)
 
     PyTorch's native inference backward gives both sums in one pass; the subtracted term, affine
-    in ``xhat`` per channel, takes two more passes and one temporary (the gradient itself). Where
-    ``count == 0`` the moving statistics were used and the term vanishes. ``all_reduce`` (in place,
-    on the packed sums) makes them the sums of a whole process group, for synchronized statistics;
-    ``dgamma``/``dbeta`` stay this process's share. ``needs_input_grad`` is indexed like the
-    Functions' inputs: ``(view, inside, gamma, beta, ...)``.
+    in ``xhat`` per channel, takes two more passes and one temporary (the gradient itself), or one
+    pass with ``small_mean`` (the caller checked ``mean^2 <= 4 var``). ``count`` is a 0-dim tensor
+    or, where the host knows it, a positive number; where ``count == 0`` the moving statistics
+    were used and the term vanishes. ``all_reduce`` (in place, on the packed sums) makes them the
+    sums of a whole process group, for synchronized statistics; ``dgamma``/``dbeta`` stay this
+    process's share. ``needs_input_grad`` is indexed like the Functions' inputs:
+    ``(view, inside, gamma, beta, ...)``.
     """
     grad_y = grad_y.reshape(view.shape)
     if view.numel() == 0:  # the native kernel does not accept an empty input
@@ -368,23 +380,36 @@ def statistics_backward(
         )
     grad_x = None
     if needs_input_grad[0]:
-        sums = torch.cat([grad_beta, dot]).to(mean.dtype)
+        sum_dy, sum_dy_xhat = grad_beta, dot
         if all_reduce is not None:
+            sums = torch.cat([grad_beta, dot]).to(mean.dtype)
             all_reduce(sums)
-        sum_dy, sum_dy_xhat = sums.chunk(2)
+            sum_dy, sum_dy_xhat = sums.chunk(2)
         invstd = torch.rsqrt(var + epsilon)
         scale = invstd if gamma is None else gamma * invstd
-        factor = scale / count.clamp(min=1) * (count > 0)
-        # The subtracted term, factor * (sum_dy + (x - mean) * invstd * sum_dy_xhat), is formed
-        # from x - mean: the native kernels fold it into x * a + b, which cancels catastrophically
-        # when invstd is large (a variance far below epsilon).
-        grad_x = view - _per_channel(mean, view)
-        torch.addcmul(
-            _per_channel(-factor * sum_dy, view), grad_x, _per_channel(-factor * invstd * sum_dy_xhat, view), out=grad_x
-        )
+        # dx = scale * dy + w * (constant + (x - mean) * slope) per channel, with
+        # constant = factor * sum_dy, slope = factor * invstd * sum_dy_xhat, factor = -scale / count.
+        if isinstance(count, Tensor):  # no element: the moving statistics were used, the term vanishes
+            factor = torch.where(count > 0, scale / -count, 0.0)
+        else:
+            factor = scale * (-1.0 / count)
+        constant = factor * sum_dy
+        slope = factor.mul_(invstd).mul_(sum_dy_xhat)
+        if small_mean:
+            # x * slope + (constant - mean * slope) in one pass: with mean^2 <= 4 var (checked by
+            # the caller) the fold loses a few ulps of the term at most.
+            offset = torch.addcmul(constant, mean, slope, value=-1)
+            grad_x = torch.addcmul(_per_channel(offset, view), view, _per_channel(slope, view))
+        else:
+            # Formed from x - mean: folded, the term cancels catastrophically when the mean is far
+            # from 0 against invstd (a large offset, or a variance far below epsilon).
+            grad_x = view - _per_channel(mean, view)
+            torch.addcmul(_per_channel(constant, view), grad_x, _per_channel(slope, view), out=grad_x)
         if inside is not None:
             grad_x.mul_(inside)
-        grad_x = grad_x.addcmul_(grad_y, _per_channel(scale, view)).to(view.dtype)
+        grad_x = grad_x.addcmul_(grad_y, _per_channel(scale, view))
+        if grad_x.dtype != view.dtype:
+            grad_x = grad_x.to(view.dtype)
     grad_gamma = dot if gamma is not None and needs_input_grad[2] else None
     grad_beta = grad_beta if needs_input_grad[3] else None
     return grad_x, grad_gamma, grad_beta

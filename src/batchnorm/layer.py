@@ -320,7 +320,9 @@ class BatchNormalization(nn.Module):
         if not (training and self._trainable):
             return functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon).reshape(x.shape)
 
-        inside = None if mask is None else functional.mask_view(mask.to(x.device), x.shape, axis)
+        inside = None
+        if mask is not None:
+            inside = functional.mask_view(mask if mask.device == x.device else mask.to(x.device), x.shape, axis)
         if self.synchronized and distributed.is_synchronizing(self.process_group):
             # Every rank joins the collectives, an empty one too.
             y, mean, var, valid = distributed.synchronized_batch_norm_training(
