@@ -31,6 +31,7 @@ with the process group's own error: a closed connection, or its timeout.
 from __future__ import annotations
 
 import datetime
+import gc
 import os
 import socket
 import time
@@ -309,4 +310,7 @@ def _run_rank(
     try:
         results.put((rank, worker(*args)))
     finally:
+        # Whatever the worker left in reference cycles (a DistributedDataParallel wrapper) goes
+        # while its group exists: torn down after it, gloo can abort the process.
+        gc.collect()
         dist.destroy_process_group()

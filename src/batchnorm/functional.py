@@ -222,9 +222,10 @@ def batch_norm_training(
     PyTorch's training kernel computes all of it, and autograd its native backward. On PyTorch's
     eager CPU kernels one host check tells whether the statistics are finite (``valid = True``)
     and whether the mean is small enough for the kernel's one-pass variance (see
-    ``_TRUSTED_RATIO_TRAINING_KERNEL``); if not, the moments are recomputed by Welford's algorithm
-    (``torch.var_mean``) and the output by the inference kernel, with the same gradient. CUDA's
-    kernels use Welford already.
+    ``_TRUSTED_RATIO_TRAINING_KERNEL``); if not, the kernel runs again on the input shifted by its
+    mean (one more pass and a temporary), and where even that fails, the moments come from
+    Welford's algorithm (``torch.var_mean``, slow on CPU) and the output from the inference
+    kernel, with the same gradient. CUDA's kernels use Welford already.
     """
     if torch.compiler.is_compiling():
         # Inductor's float32 reductions accumulate sequentially and lose the mean of large-offset
@@ -238,6 +239,13 @@ def batch_norm_training(
         ratio = _TRUSTED_RATIO_TRAINING_KERNEL if view.numel() > view.shape[1] else math.inf
         if _finite_and_accurate(mean, var, ratio):
             return y, mean, var, True
+        # The kernel's mean stays accurate where its variance does not. Shifted by it (exactly near
+        # the mean, Sterbenz), the data has a small mean, the kernel's statistics are accurate, and
+        # the output and its gradient are the same (normalization ignores a constant shift).
+        shift = mean.to(view.dtype)
+        y, shifted_mean, var = _native_training(view - _per_channel(shift, view), gamma, beta, epsilon)
+        if _finite_and_accurate(shifted_mean, var, ratio):
+            return y, shifted_mean + shift, var, True
         mean, var = _moments(view, compute_dtype(view.dtype))
     y = _normalize_by_batch_statistics(view, gamma, beta, mean, var, epsilon)
     return y, mean, var, valid_statistics(mean, var)
