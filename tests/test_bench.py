@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -177,3 +178,27 @@ def test_bad_api_arguments_raise_value_error():
         benchmark(cases="B", modes=["backward"], quick=True, keras=False)
     with pytest.raises(ValueError, match="repeats"):
         benchmark(cases="B", repeats=0, quick=True, keras=False)
+
+
+def test_a_mode_samples_the_same_number_of_calls_each_after_an_untimed_one():
+    # Two fake implementations of one mode, one 4x slower: both take the faster one's count, and
+    # every timed sample follows one untimed call (warm-up and the memory probe call once each).
+    from batchnorm import bench
+
+    calls = {"fast": 0, "slow": 0}
+
+    def entry(name: str, seconds: float) -> bench._Entry:
+        def call() -> None:
+            calls[name] += 1
+            end = time.perf_counter() + seconds
+            while time.perf_counter() < end:  # busy: sleep() overshoots by a millisecond
+                pass
+        return bench._Entry("training", name, call, bench._nothing, call)
+
+    entries = [entry("fast", 0.0003), entry("slow", 0.0012)]
+    bench._measure_case(entries, repeats=3, warmup=2, min_sample_ms=3.0, device=torch.device("cpu"))
+    per_sample = entries[0].calls_per_sample
+    assert per_sample >= 2 and entries[1].calls_per_sample == per_sample
+    for e in entries:
+        assert e.calls == 3 * per_sample and len(e.samples_ms) == 3
+        assert calls[e.impl] == 2 + 1 + 3 * (1 + per_sample)

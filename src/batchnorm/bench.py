@@ -144,7 +144,7 @@ IMPLEMENTATIONS = ("ours", "torch", "keras", "ours_unmasked", "copy_", "clone")
 
 MOMENTUM = 0.99          # Keras convention; torch's momentum is 1 - MOMENTUM
 EPSILON = 1e-3           # Keras's default
-FULL_REPEATS, FULL_WARMUP = 15, 2
+FULL_REPEATS, FULL_WARMUP = 25, 2
 QUICK_REPEATS, QUICK_WARMUP = 5, 1
 QUICK_DIVISOR = 128
 MAX_CALLS_PER_SAMPLE = 1000
@@ -581,7 +581,7 @@ def benchmark(
 ) -> list[dict]:
     """Run the benchmark; one dict per (case, mode), in case then mode order.
 
-    ``repeats``/``warmup`` default to 15/2 (``quick``: 5/1); ``threads`` to the current
+    ``repeats``/``warmup`` default to 25/2 (``quick``: 5/1); ``threads`` to the current
     ``torch.get_num_threads()`` (fixed for the run, restored after). ``keras=True`` includes Keras
     when it can be used (see :func:`describe_environment`'s ``keras`` entry), else its columns are
     ``None``. Times are medians in milliseconds per call; ``*_over_*`` are ratios of those medians;
