@@ -381,6 +381,20 @@ def test_large_mean_variance_is_accurate_masked(shape, axis, base, spread, mask_
     _check_large_mean(x, axis, mask)
 
 
+@pytest.mark.parametrize("shape,axis", [((512, 8), -1), ((64, 8, 4, 4), 1)])
+def test_large_mean_takes_the_shifted_kernel_not_welford(shape, axis, monkeypatch):
+    # Beyond the kernel's accuracy limit the kernel runs again on the input shifted by its mean;
+    # Welford (slow on CPU) is not needed, not even for a channel constant up to rounding.
+    import batchnorm.functional
+
+    monkeypatch.setattr(batchnorm.functional, "_moments", lambda *a: pytest.fail("Welford fallback used"))
+    _check_large_mean(random_input(shape, seed=12, scale=1e-2, offset=1e4), axis, None)
+    bn = BatchNormalization(axis=axis, momentum=0.0)
+    bn(torch.full(shape, 3000.7), training=True)
+    assert bool((bn.moving_variance >= 0).all())
+    assert bn.moving_variance.max().item() <= (EPS32 * 3000.7) ** 2
+
+
 @pytest.mark.parametrize("value", [3000.7, 1e4, -12345.678, 0.1])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("shape,axis", [((64, 4), -1), ((16, 4, 3, 3), 1)])
@@ -558,6 +572,27 @@ def test_16_bit_layer_dtype_keeps_16_bit_weights_but_computes_in_float32(weight_
     expected = normalize(x, axis, bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta, bn.epsilon)
     assert y_inf.dtype == torch.float32
     assert_near(y_inf, expected, 1e-5, "inference output")
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_16_bit_gamma_and_beta_beside_float32_buffers(masked):
+    # FSDP's mixed precision casts parameters, not buffers: the call casts each weight it needs,
+    # and computes as a float32 layer holding the same (16-bit-representable) values would.
+    shape, axis = (8, 5, 3), 1
+    bn = make_layer(shape, axis, seed=23)
+    twin = make_layer(shape, axis, seed=23)
+    with torch.no_grad():
+        for layer in (bn, twin):
+            layer.gamma.copy_(layer.gamma.bfloat16())
+            layer.beta.copy_(layer.beta.bfloat16())
+    bn.gamma.data, bn.beta.data = bn.gamma.data.bfloat16(), bn.beta.data.bfloat16()
+    x = random_input(shape, torch.bfloat16, seed=23)
+    mask = random_mask((8, 3), seed=23) if masked else None
+    for training in (True, False):
+        y, y_twin = bn(x, training=training, mask=mask), twin(x, training=training, mask=mask)
+        assert y.dtype == torch.bfloat16
+        assert torch.equal(y, y_twin), f"training={training}"
+    assert torch.equal(bn.moving_mean, twin.moving_mean) and torch.equal(bn.moving_variance, twin.moving_variance)
 
 
 @pytest.mark.parametrize("masked", [False, True])

@@ -109,9 +109,11 @@ def normalize(
     # with training=False it only reads mean/var.
     if out is None:
         return torch.batch_norm(view, gamma, beta, mean, var, False, 0.0, epsilon, torch.backends.cudnn.enabled)
-    empty = mean.new_empty(0)  # the kernel's saved statistics, which inference does not fill
+    # The kernel's saved statistics: CPU leaves them empty in inference, CUDA fills both (in turn,
+    # and the second from the first's storage if they were one tensor).
     return torch.ops.aten.native_batch_norm.out(
-        view, gamma, beta, mean, var, False, 0.0, epsilon, out=out, save_mean=empty, save_invstd=empty
+        view, gamma, beta, mean, var, False, 0.0, epsilon,
+        out=out, save_mean=mean.new_empty(0), save_invstd=mean.new_empty(0),
     )[0]
 
 
@@ -244,7 +246,10 @@ def batch_norm_training(
         # the output and its gradient are the same (normalization ignores a constant shift).
         shift = mean.to(view.dtype)
         y, shifted_mean, var = _native_training(view - _per_channel(shift, view), gamma, beta, epsilon)
-        if _finite_and_accurate(shifted_mean, var, ratio):
+        # A channel constant up to the data's resolution keeps a residual mean of that order,
+        # whose error on the variance lies far below that resolution squared: accepted.
+        resolution = mean.abs() * torch.finfo(view.dtype).eps
+        if _finite_and_accurate(shifted_mean, torch.addcmul(var, resolution, resolution), ratio):
             return y, shifted_mean + shift, var, True
         mean, var = _moments(view, compute_dtype(view.dtype))
     y = _normalize_by_batch_statistics(view, gamma, beta, mean, var, epsilon)
@@ -402,7 +407,7 @@ def statistics_backward(
         else:
             factor = scale * (-1.0 / count)
         constant = factor * sum_dy
-        slope = factor.mul_(invstd).mul_(sum_dy_xhat)
+        slope = factor * invstd * sum_dy_xhat
         if small_mean:
             # x * slope + (constant - mean * slope) in one pass: with mean^2 <= 4 var (checked by
             # the caller) the fold loses a few ulps of the term at most.

@@ -309,11 +309,11 @@ class BatchNormalization(nn.Module):
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
         dtype = functional.compute_dtype(x.dtype)
-        gamma, beta, moving_mean, moving_variance = self.gamma, self.beta, self.moving_mean, self.moving_variance
-        if moving_variance.dtype != dtype:  # e.g. float32 weights meeting float64 inputs
-            gamma, beta, moving_mean, moving_variance = (
-                None if t is None else t.to(dtype) for t in (gamma, beta, moving_mean, moving_variance)
-            )
+        weights = (self.gamma, self.beta, self.moving_mean, self.moving_variance)
+        # e.g. float32 weights meeting float64 inputs, or 16-bit gamma/beta (FSDP mixed precision)
+        if any(t is not None and t.dtype != dtype for t in weights):
+            weights = tuple(None if t is None else t.to(dtype) for t in weights)
+        gamma, beta, moving_mean, moving_variance = weights
         view = functional.channel_view(x, axis)
         if training is None:
             training = self.training
