@@ -147,9 +147,9 @@ def _native_training(view: Tensor, gamma, beta, epsilon: float) -> tuple[Tensor,
     unbiased = torch.zeros_like(mean)
     # momentum=1: the "running" buffers receive exactly this batch's mean and unbiased variance.
     y = torch.batch_norm(view, gamma, beta, mean, unbiased, True, 1.0, epsilon, torch.backends.cudnn.enabled)
-    # Keras's variance is the biased one; with a single element it is 0 (the kernel gives 0/0).
-    # Out of place: autograd keeps the running buffers for the backward.
-    return y, mean, unbiased * ((n - 1) / n) if n > 1 else torch.zeros_like(unbiased)
+    # Keras's variance is the biased one, unbiased - unbiased / n; with a single element it is 0
+    # (the kernel gives 0/0). Out of place: autograd keeps the running buffers for the backward.
+    return y, mean, torch.sub(unbiased, unbiased, alpha=1.0 / n) if n > 1 else torch.zeros_like(unbiased)
 
 
 def _moments(view: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:

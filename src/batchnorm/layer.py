@@ -309,7 +309,8 @@ class BatchNormalization(nn.Module):
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
         dtype = functional.compute_dtype(x.dtype)
-        weights = (self.gamma, self.beta, self.moving_mean, self.moving_variance)
+        buffers = self.moving_mean, self.moving_variance
+        weights = (self.gamma, self.beta, *buffers)
         # e.g. float32 weights meeting float64 inputs, or 16-bit gamma/beta (FSDP mixed precision)
         if any(t is not None and t.dtype != dtype for t in weights):
             weights = tuple(None if t is None else t.to(dtype) for t in weights)
@@ -339,7 +340,7 @@ class BatchNormalization(nn.Module):
             y, mean, var, valid = functional.masked_batch_norm_training(
                 view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon
             )
-        functional.update_moving_statistics(self.moving_mean, self.moving_variance, mean, var, self.momentum, valid)
+        functional.update_moving_statistics(*buffers, mean, var, self.momentum, valid)
         return y.reshape(x.shape)
 
     # -------------------------------------------------------------- regularizers, constraints
