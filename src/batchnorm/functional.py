@@ -297,13 +297,12 @@ def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsi
     count = inside.sum(dtype=dtype)
     # The fast sums are PyTorch's vectorized CPU kernel; its strided fallback accumulates 16-bit
     # inputs in 16 bits, so other layouts take the stable path too.
-    if _eager_cpu(view) and view.is_contiguous() and count.item() > 0:
+    if _eager_cpu(view) and view.is_contiguous() and (n := count.item()) > 0:
         # The output buffer holds the masked input first: a product with the 0/1 weights is far
         # faster than where() on CPU, but lets a masked-out NaN or Inf through (0 * NaN), which
         # the check below sends, as a large offset, to the stable path.
         y = torch.mul(view, inside, out=torch.empty_like(view))
         sums, sum_squares = _channel_sums(y)
-        n = count.item()
         mean = sums / n
         var = torch.addcmul(sum_squares, sums, mean, value=-1).div_(n)  # may round below 0: not accepted
         if _finite_and_accurate(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS):
