@@ -205,6 +205,7 @@ class _NormalizeByBatchStatistics(torch.autograd.Function):
 
 
 def _normalize_by_batch_statistics(view: Tensor, gamma, beta, mean: Tensor, var: Tensor, epsilon: float) -> Tensor:
+    """:class:`_NormalizeByBatchStatistics`, or just the inference kernel where no gradient is wanted."""
     if not _needs_grad(view, gamma, beta):
         return normalize(view, mean, var, gamma, beta, epsilon)
     return _NormalizeByBatchStatistics.apply(view, gamma, beta, mean, var, epsilon)
