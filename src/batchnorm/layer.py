@@ -309,12 +309,17 @@ class BatchNormalization(nn.Module):
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
         dtype = functional.compute_dtype(x.dtype)
-        buffers = self.moving_mean, self.moving_variance
-        weights = (self.gamma, self.beta, *buffers)
+        gamma, beta = self.gamma, self.beta
+        buffers = moving_mean, moving_variance = self.moving_mean, self.moving_variance
         # e.g. float32 weights meeting float64 inputs, or 16-bit gamma/beta (FSDP mixed precision)
-        if any(t is not None and t.dtype != dtype for t in weights):
-            weights = tuple(None if t is None else t.to(dtype) for t in weights)
-        gamma, beta, moving_mean, moving_variance = weights
+        if not (
+            moving_mean.dtype == moving_variance.dtype == dtype
+            and (gamma is None or gamma.dtype == dtype)
+            and (beta is None or beta.dtype == dtype)
+        ):
+            gamma, beta, moving_mean, moving_variance = (
+                None if t is None else t.to(dtype) for t in (gamma, beta, moving_mean, moving_variance)
+            )
         view = functional.channel_view(x, axis)
         if training is None:
             training = self.training
