@@ -906,34 +906,22 @@ def _run_sync(args: argparse.Namespace, command: str) -> dict:
 
 # ------------------------------------------------------------------------- command line
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
+def _number_argument(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str):
+    """An argparse ``type``: ``convert(text)``, refused unless ``accept`` holds, naming ``expected``."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not accept(value):
+            raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
+        return value
+    return parse
 
 
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1.0
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
-    return value
+positive_int = _number_argument(int, lambda v: v >= 1, "a positive integer")
+_non_negative_int = _number_argument(int, lambda v: v >= 0, "a non-negative integer")
+_positive_float = _number_argument(float, lambda v: 0 < v < float("inf"), "a positive number")
 
 
 def _cases_arg(text: str) -> str:
