@@ -109,7 +109,11 @@ def reference_training(bn: BatchNormalization, x: torch.Tensor, mask=None, weigh
 
 
 def check_training_call(bn, x, mask=None, *, rtol, stat_rtol=None, grad=True, seed=0, out_dtype=None):
-    """Run one training call of ``bn`` and compare everything with the reference."""
+    """Run one training call of ``bn`` and compare everything with the reference.
+
+    ``grad=False`` runs the call under ``torch.no_grad()``, where the layer takes its paths for
+    calls that autograd does not record.
+    """
     out_dtype = x.dtype if out_dtype is None else out_dtype
     stat_rtol = rtol if stat_rtol is None else stat_rtol
     weights = None
@@ -119,7 +123,8 @@ def check_training_call(bn, x, mask=None, *, rtol, stat_rtol=None, grad=True, se
     y_ref, mean_ref, var_ref, grads_ref = reference_training(bn, x, mask, weights)
     before = snapshot(bn)
     x_in = x.detach().clone().requires_grad_(grad)
-    y = bn(x_in, training=True, mask=mask)
+    with torch.enable_grad() if grad else torch.no_grad():
+        y = bn(x_in, training=True, mask=mask)
     assert y.dtype == out_dtype and y.shape == x.shape
     assert_near(y, y_ref, rtol, "output")
     for name, expected in (("moving_mean", mean_ref), ("moving_variance", var_ref)):
@@ -153,13 +158,14 @@ MASK_CASES = [
 ]
 
 
+@pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape,axis", MASK_CASES)
-def test_full_mask_on_non_last_axis_matches_reference(shape, axis, dtype):
+@pytest.mark.parametrize("shape,axis", MASK_CASES + [((6, 4), -1), ((5, 3, 4), 2), ((3, 4, 2, 3, 2), -1)])
+def test_full_mask_on_any_axis_matches_reference(shape, axis, dtype, grad):
     bn = make_layer(shape, axis, dtype=dtype)
     x = random_input(shape, dtype)
     mask = random_mask(mask_shape(shape, axis))
-    check_training_call(bn, x, mask, rtol=UNIT[dtype])
+    check_training_call(bn, x, mask, rtol=UNIT[dtype], grad=grad)
 
 
 @pytest.mark.parametrize("mask_dtype", [torch.bool, torch.int64, torch.uint8, torch.float32, torch.float64])
@@ -639,31 +645,36 @@ def test_consecutive_training_steps_track_reference_statistics(shape, axis, dtyp
 # ----------------------------------------------------------------- fast paths and their fallbacks
 
 
-# fast; fast at the masked check's limit (mean^2 ~ 3.6 var, folded backward); masked falls back;
-# both fall back
+# fast; fast at the masked check's limit (mean^2 ~ 3.6 var, folded backward); masked falls back
+# on other axes; both fall back (the shifted kernel)
 @pytest.mark.parametrize("offset", [0.0, 1.9, 3.0, 300.0])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("layout", ["contiguous", "transposed"])
 @pytest.mark.parametrize("masked", [False, True])
-def test_fast_paths_and_fallbacks_match_the_reference(masked, layout, dtype, offset):
-    # Sizes large enough for PyTorch's vectorized kernels; a transposed input stays a strided view.
-    shape, axis = (64, 12, 32), 1
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("axis", [1, -1])
+def test_fast_paths_and_fallbacks_match_the_reference(axis, grad, masked, layout, dtype, offset):
+    # Sizes large enough for PyTorch's vectorized kernels; a transposed input stays a strided view
+    # (axis -1: a strided (M, C) view). grad=False: the paths for calls autograd does not record.
+    shape, stored = ((64, 12, 32), (64, 32, 12)) if axis == 1 else ((512, 12), (12, 512))
     x = random_input(shape, dtype, seed=30, scale=1.0, offset=offset)
     if layout == "transposed":
-        x = random_input((64, 32, 12), dtype, seed=30, scale=1.0, offset=offset).transpose(1, 2)
+        x = random_input(stored, dtype, seed=30, scale=1.0, offset=offset).transpose(-1, -2)
     mask = random_mask(mask_shape(shape, axis), seed=30) if masked else None
     bn = make_layer(shape, axis, seed=30, momentum=0.0)
-    x = x.requires_grad_()
+    x = x.requires_grad_(grad)
     upstream = random_input(shape, torch.float64, seed=31, offset=0.0)
     y_ref, mean_ref, var_ref, grads_ref = reference_training(bn, x.detach(), mask, weights=upstream)
-    y = bn(x, training=True, mask=mask)
-    (y.double() * upstream).sum().backward()
+    with torch.enable_grad() if grad else torch.no_grad():
+        y = bn(x, training=True, mask=mask)
     # Statistics are float32 arithmetic whatever the input's dtype; the output is rounded to it.
     assert_near(bn.moving_mean, mean_ref, 1e-5, "moving_mean")
     assert_near(bn.moving_variance, var_ref, 1e-4, "moving_variance")
     tolerance = 1e-4 if dtype == torch.float32 else 1e-2
     assert_near(y, y_ref, tolerance, "output")
-    assert_near(x.grad, grads_ref[0], tolerance * 5, "grad x")
+    if grad:
+        (y.double() * upstream).sum().backward()
+        assert_near(x.grad, grads_ref[0], tolerance * 5, "grad x")
 
 
 @pytest.mark.parametrize("seed", range(6))

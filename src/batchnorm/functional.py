@@ -105,6 +105,15 @@ def normalize(
     ``out`` (shaped and typed like ``view``, outside autograd) receives ``y`` instead of a new
     tensor; it may hold anything before, as it is only written.
     """
+    if view.device.type == "cpu" and view.dim() == 2 and view.dtype == mean.dtype and not _needs_grad(view, gamma, beta):
+        # PyTorch's CPU kernel computes exactly y = x * scale + shift with this scale and shift, but
+        # its loop over an (M, C) view runs at about 60 % of the speed of addcmul's (case B: 410 us
+        # against 250 us). Where autograd records nothing, the same arithmetic runs in addcmul.
+        scale = torch.rsqrt(var + epsilon)
+        if gamma is not None:
+            scale.mul_(gamma)
+        shift = torch.mul(mean, scale).neg_() if beta is None else torch.addcmul(beta, mean, scale, value=-1)
+        return torch.addcmul(shift, view, scale, out=out)
     # PyTorch's inference kernel: one pass over x for any layout, mixed 16-bit/float32 included;
     # with training=False it only reads mean/var.
     if out is None:
@@ -127,13 +136,15 @@ def valid_statistics(mean: Tensor, var: Tensor, count: Tensor | None = None) -> 
     return valid if count is None else valid & (count > 0)
 
 
-# PyTorch's eager CPU kernels give one-pass statistics, E[x^2] - E[x]^2, whose error grows with the
-# ratio mean^2 / variance. Measured worst relative errors of the variance over sizes 2..1e5: the
-# training kernel stays near 1e-5 up to a ratio of 2^16; the float32 sums of the inference backward
-# (used for masks) reach 5e-5 at a ratio of 4 and 3e-3 at 256. Beyond these ratios the statistics
-# are recomputed by a stable algorithm.
-_TRUSTED_RATIO_TRAINING_KERNEL = 2.0**16
+# PyTorch's eager CPU kernels lose accuracy as the ratio mean^2 / variance grows. Measured worst
+# relative errors of the variance over sizes 2..1e5: the statistics kernels (training and
+# batch_norm_update_stats, one algorithm) stay near 1e-5 up to a ratio of 2^16; the float32 sums
+# E[x^2] - E[x]^2 of the inference backward (used for masks on other axes) reach 5e-5 at a ratio
+# of 4 and 3e-3 at 256. Beyond these ratios the statistics are recomputed by a stable algorithm.
+_TRUSTED_RATIO_STATISTICS_KERNEL = 2.0**16
 _TRUSTED_RATIO_CHANNEL_SUMS = 4.0
+# statistics_backward's one-pass term, x * slope + offset, keeps its accuracy up to this ratio.
+_TRUSTED_RATIO_FOLDED_TERM = 4.0
 
 
 def _native_training(view: Tensor, gamma, beta, epsilon: float) -> tuple[Tensor, Tensor, Tensor]:
@@ -152,6 +163,19 @@ def _native_training(view: Tensor, gamma, beta, epsilon: float) -> tuple[Tensor,
     return y, mean, torch.sub(unbiased, unbiased, alpha=1.0 / n) if n > 1 else torch.zeros_like(unbiased)
 
 
+def _kernel_statistics(view: Tensor) -> tuple[Tensor, Tensor]:
+    """Biased mean and variance from PyTorch's native statistics kernel, in the compute dtype; no gradient.
+
+    ``batch_norm_update_stats`` computes them alone. For 16-bit inputs it answers in 16 bits on
+    CPU, so they come from the mixed-dtype training kernel instead (its output is dropped).
+    """
+    if view.dtype == compute_dtype(view.dtype):
+        return torch.batch_norm_update_stats(view.detach(), None, None, 1.0)
+    with torch.no_grad():
+        _, mean, var = _native_training(view, None, None, 1.0)
+    return mean, var
+
+
 def _moments(view: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
     """Biased mean and variance by Welford's algorithm, accumulated in ``accumulate``; no gradient."""
     var, mean = torch.var_mean(view.detach().to(accumulate), dim=_reduced_dims(view), correction=0)
@@ -165,7 +189,7 @@ def _eager_cpu(view: Tensor) -> bool:
 
 
 def _finite_and_accurate(mean: Tensor, var: Tensor, ratio: float) -> bool:
-    """Whether every channel's one-pass statistics are finite and accurate: ``mean^2 <= ratio * var < inf``.
+    """Whether every channel's statistics are finite and accurate: ``mean^2 <= ratio * var < inf``.
 
     One fused check read on the host: ``var - mean^2 / ratio`` is at least 0 and finite in every
     channel exactly then (a NaN fails both tests). ``ratio = inf`` asks for finiteness only.
@@ -173,6 +197,36 @@ def _finite_and_accurate(mean: Tensor, var: Tensor, ratio: float) -> bool:
     """
     lowest, highest = torch.addcmul(var, mean, mean, value=-1.0 / ratio).aminmax()
     return lowest.item() >= 0 and highest.item() < math.inf
+
+
+def _checked_statistics(view: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor, Tensor, Tensor | bool]:
+    """``(mean, var, valid)``: the kernel's statistics of ``view``, or stable ones where they may be inaccurate.
+
+    On PyTorch's eager CPU kernels one host check tells whether the statistics are finite
+    (``valid = True``) and the mean small enough for the kernel (``_TRUSTED_RATIO_STATISTICS_KERNEL``).
+    If not, the kernel runs again on the input shifted by its mean (one more pass and a
+    temporary), and where even that fails, the moments come from Welford's algorithm
+    (``torch.var_mean``, slow on CPU). Elsewhere the kernel's are kept (CUDA's use Welford already)
+    and ``valid`` is :func:`valid_statistics`, a device tensor: no synchronization.
+    """
+    if not _eager_cpu(view):
+        return mean, var, valid_statistics(mean, var)
+    # A single element per channel has the exact variance 0: only finiteness is in question.
+    ratio = _TRUSTED_RATIO_STATISTICS_KERNEL if view.numel() > view.shape[1] else math.inf
+    if _finite_and_accurate(mean, var, ratio):
+        return mean, var, True
+    # The kernel's mean stays accurate where its variance does not. Shifted by it (exactly near
+    # the mean, Sterbenz), the data has a small mean, the kernel's statistics are accurate, and
+    # the variance is the same.
+    shift = mean.to(view.dtype)
+    shifted_mean, var = _kernel_statistics(view - _per_channel(shift, view))
+    # A channel constant up to the data's resolution keeps a residual mean of that order,
+    # whose error on the variance lies far below that resolution squared: accepted.
+    resolution = mean.abs() * torch.finfo(view.dtype).eps
+    if _finite_and_accurate(shifted_mean, torch.addcmul(var, resolution, resolution), ratio):
+        return shifted_mean + shift, var, True
+    mean, var = _moments(view, compute_dtype(view.dtype))
+    return mean, var, valid_statistics(mean, var)
 
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
@@ -222,39 +276,35 @@ def batch_norm_training(
     ``valid`` tells the channels whose statistics may update the moving ones: a bool tensor, or
     ``True`` when every channel's are (known without a synchronization, on CPU).
 
-    PyTorch's training kernel computes all of it, and autograd its native backward. On PyTorch's
-    eager CPU kernels one host check tells whether the statistics are finite (``valid = True``)
-    and whether the mean is small enough for the kernel's one-pass variance (see
-    ``_TRUSTED_RATIO_TRAINING_KERNEL``); if not, the kernel runs again on the input shifted by its
-    mean (one more pass and a temporary), and where even that fails, the moments come from
-    Welford's algorithm (``torch.var_mean``, slow on CPU) and the output from the inference
-    kernel, with the same gradient. CUDA's kernels use Welford already.
+    Where autograd records, and for 16-bit inputs, PyTorch's training kernel gives the output and
+    the statistics, and autograd its native backward; otherwise its statistics kernel and
+    :func:`normalize` do. The statistics are checked as in :func:`_checked_statistics`; where
+    they are recomputed, the output is :func:`normalize`'s, differentiated by PyTorch's native
+    training backward. Under ``torch.compile`` the moments accumulate in float64.
     """
+    y = None
     if torch.compiler.is_compiling():
         # Inductor's float32 reductions accumulate sequentially and lose the mean of large-offset
         # data: accumulate in float64 inside the fused reduction (no float64 copy is made).
         mean, var = _moments(view, torch.float64)
+        valid = valid_statistics(mean, var)
     else:
-        y, mean, var = _native_training(view, gamma, beta, epsilon)
-        if view.device.type != "cpu":
-            return y, mean, var, valid_statistics(mean, var)
-        # A single element per channel has the exact variance 0: only finiteness is in question.
-        ratio = _TRUSTED_RATIO_TRAINING_KERNEL if view.numel() > view.shape[1] else math.inf
-        if _finite_and_accurate(mean, var, ratio):
-            return y, mean, var, True
-        # The kernel's mean stays accurate where its variance does not. Shifted by it (exactly near
-        # the mean, Sterbenz), the data has a small mean, the kernel's statistics are accurate, and
-        # the output and its gradient are the same (normalization ignores a constant shift).
-        shift = mean.to(view.dtype)
-        y, shifted_mean, var = _native_training(view - _per_channel(shift, view), gamma, beta, epsilon)
-        # A channel constant up to the data's resolution keeps a residual mean of that order,
-        # whose error on the variance lies far below that resolution squared: accepted.
-        resolution = mean.abs() * torch.finfo(view.dtype).eps
-        if _finite_and_accurate(shifted_mean, torch.addcmul(var, resolution, resolution), ratio):
-            return y, shifted_mean + shift, var, True
-        mean, var = _moments(view, compute_dtype(view.dtype))
-    y = _normalize_by_batch_statistics(view, gamma, beta, mean, var, epsilon)
-    return y, mean, var, valid_statistics(mean, var)
+        if _needs_grad(view, gamma, beta) or view.dtype != compute_dtype(view.dtype):
+            # Autograd records PyTorch's fused training kernel and its native backward; for 16-bit
+            # inputs it is also the one kernel with float32 statistics.
+            y, mean, var = _native_training(view, gamma, beta, epsilon)
+        else:
+            # Without a gradient, the statistics kernel and normalize's addcmul are faster than the
+            # fused kernel (case B: about 470 against 650 us). With one, they lose as much in the
+            # backward of a Python Function (measured).
+            mean, var = _kernel_statistics(view)
+        kernel_mean = mean
+        mean, var, valid = _checked_statistics(view, mean, var)
+        if mean is not kernel_mean:  # recomputed: the kernel's output used the wrong statistics
+            y = None
+    if y is None:
+        y = _normalize_by_batch_statistics(view, gamma, beta, mean, var, epsilon)
+    return y, mean, var, valid
 
 
 def _channel_sums(view: Tensor) -> tuple[Tensor, Tensor]:
@@ -296,12 +346,23 @@ def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsi
     """
     dtype = compute_dtype(view.dtype)
     count = inside.sum(dtype=dtype)
-    # The fast sums are PyTorch's vectorized CPU kernel; its strided fallback accumulates 16-bit
-    # inputs in 16 bits, so other layouts take the stable path too.
-    if _eager_cpu(view) and view.is_contiguous() and (n := count.item()) > 0:
-        # The output buffer holds the masked input first: a product with the 0/1 weights is far
-        # faster than where() on CPU, but lets a masked-out NaN or Inf through (0 * NaN), which
-        # the check below sends, as a large offset, to the stable path.
+    y = None
+    if not _eager_cpu(view) or (n := count.item()) == 0:
+        accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
+        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, accumulate)
+    elif view.dim() == 2:
+        # Channels last: the masked-in elements are whole rows of the (M, C) view. Gathered into
+        # the output buffer (no other temporary) they are an ordinary batch, whose statistics the
+        # unmasked path computes and checks; masked-out values never enter them.
+        y = torch.empty_like(view, memory_format=torch.contiguous_format)
+        rows = torch.index_select(view, 0, inside.reshape(-1).nonzero().reshape(-1), out=y[: int(n)])
+        mean, var, valid = _checked_statistics(rows, *_kernel_statistics(rows))
+        return normalize(view, mean, var, gamma, beta, epsilon, out=y), mean, var, valid, n, mean, var
+    elif view.is_contiguous():
+        # Other axes: the output buffer holds the masked input first, and PyTorch's vectorized
+        # CPU kernel sums it (its strided fallback accumulates 16-bit inputs in 16 bits). A product
+        # with the 0/1 weights is far faster than where() on CPU, but lets a masked-out NaN or Inf
+        # through (0 * NaN), which the check below sends, as a large offset, to the stable path.
         y = torch.mul(view, inside, out=torch.empty_like(view))
         sums, sum_squares = _channel_sums(y)
         mean = sums / n
@@ -310,9 +371,7 @@ def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsi
             return normalize(view, mean, var, gamma, beta, epsilon, out=y), mean, var, True, n, mean, var
         mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, dtype)
     else:
-        accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
-        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, accumulate)
-        y = torch.empty_like(view)
+        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, dtype)
     has_elements = count > 0
     used_mean = torch.where(has_elements, mean, fallback_mean)
     used_var = torch.where(has_elements, var, fallback_var)
@@ -323,12 +382,13 @@ def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsi
 class _MaskedBatchNormTraining(torch.autograd.Function):
     """Batch normalization with the statistics of the masked-in elements, explicit backward.
 
-    Forward: the input with masked-out positions zeroed (the one temporary), then, like the
-    unmasked path, one fused native pass for ``sum(x)`` and ``sum(x**2)`` on PyTorch's eager CPU
-    kernels for contiguous inputs, with the same accuracy check and a stable fallback: the corrected
-    two-pass algorithm (in float64 under ``torch.compile``; always on other devices, where a check
-    would cost a synchronization). Masked-out values never enter the statistics, whatever they
-    hold (as Keras's ``where(mask, x, 0)``). The output is the native inference kernel's.
+    Forward, on PyTorch's eager CPU kernels: for channels last, the masked-in rows gathered and
+    given to the unmasked path's statistics; on other axes, the input with masked-out positions
+    zeroed (the one temporary) and one fused native pass for ``sum(x)`` and ``sum(x**2)``, with an
+    accuracy check. The stable fallback, and the path on other devices (where a check would cost
+    a synchronization), is the corrected two-pass algorithm (in float64 under ``torch.compile``).
+    Masked-out values never enter the statistics, whatever they hold (as Keras's
+    ``where(mask, x, 0)``). The output is :func:`normalize`'s.
 
     Backward: :func:`statistics_backward`.
     """
@@ -340,7 +400,8 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
         )
         ctx.save_for_backward(view, inside, gamma, used_mean, used_var)
         ctx.count, ctx.epsilon = count, epsilon  # count: an intermediate (tensor) or a number
-        ctx.small_mean = valid is True  # the fast path checked mean^2 <= 4 var
+        # The backward's one-pass term needs mean^2 <= 4 var; on CPU the check is free.
+        ctx.small_mean = valid is True and _finite_and_accurate(mean, var, _TRUSTED_RATIO_FOLDED_TERM)
         ctx.mark_non_differentiable(mean, var)
         return y, mean, var, valid
 
