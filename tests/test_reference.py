@@ -654,9 +654,10 @@ def test_consecutive_training_steps_track_reference_statistics(shape, axis, dtyp
 @pytest.mark.parametrize("grad", [True, False])
 @pytest.mark.parametrize("axis", [1, -1])
 def test_fast_paths_and_fallbacks_match_the_reference(axis, grad, masked, layout, dtype, offset):
-    # Sizes large enough for PyTorch's vectorized kernels; a transposed input stays a strided view
-    # (axis -1: a strided (M, C) view). grad=False: the paths for calls autograd does not record.
-    shape, stored = ((64, 12, 32), (64, 32, 12)) if axis == 1 else ((512, 12), (12, 512))
+    # Sizes large enough for PyTorch's vectorized kernels and, on axis -1, for the folded
+    # normalization (2**16 elements); a transposed input stays a strided view (axis -1: a strided
+    # (M, C) view). grad=False: the paths for calls autograd does not record.
+    shape, stored = ((64, 12, 32), (64, 32, 12)) if axis == 1 else ((6144, 12), (12, 6144))
     x = random_input(shape, dtype, seed=30, scale=1.0, offset=offset)
     if layout == "transposed":
         x = random_input(stored, dtype, seed=30, scale=1.0, offset=offset).transpose(-1, -2)
@@ -691,3 +692,20 @@ def test_masked_gradient_with_one_element_and_small_epsilon(seed):
     x = x.requires_grad_()
     (bn(x, training=True, mask=mask).double() * upstream).sum().backward()
     assert_near(x.grad, grads_ref[0], 1e-4, "grad x")
+
+
+@pytest.mark.parametrize("center,scale", [(False, True), (True, False), (False, False)])
+@pytest.mark.parametrize("training", [True, False])
+def test_folded_normalization_without_gamma_or_beta(center, scale, training):
+    # An (M, C) view of 2**16 elements or more, where autograd records nothing, folds the
+    # normalization into one addcmul: the missing weight must count as 1, the missing bias as 0.
+    shape, axis = (4096, 20), -1
+    bn = make_layer(shape, axis, seed=40, center=center, scale=scale)
+    x = random_input(shape, seed=40)
+    if training:
+        check_training_call(bn, x, rtol=UNIT[torch.float32], grad=False)
+        return
+    with torch.no_grad():
+        y = bn(x, training=False)
+    expected = normalize(x, axis, bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta, bn.epsilon)
+    assert_near(y, expected, UNIT[torch.float32], "output")

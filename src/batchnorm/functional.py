@@ -105,10 +105,7 @@ def normalize(
     ``out`` (shaped and typed like ``view``, outside autograd) receives ``y`` instead of a new
     tensor; it may hold anything before, as it is only written.
     """
-    if view.device.type == "cpu" and view.dim() == 2 and view.dtype == mean.dtype and not _needs_grad(view, gamma, beta):
-        # PyTorch's CPU kernel computes exactly y = x * scale + shift with this scale and shift, but
-        # its loop over an (M, C) view runs at about 60 % of the speed of addcmul's (case B: 410 us
-        # against 250 us). Where autograd records nothing, the same arithmetic runs in addcmul.
+    if _folds(view) and not _needs_grad(view, gamma, beta):
         scale = torch.rsqrt(var + epsilon)
         if gamma is not None:
             scale.mul_(gamma)
@@ -124,6 +121,24 @@ def normalize(
         view, gamma, beta, mean, var, False, 0.0, epsilon,
         out=out, save_mean=mean.new_empty(0), save_invstd=mean.new_empty(0),
     )[0]
+
+
+# PyTorch's CPU kernel computes exactly y = x * scale + shift with scale = gamma / sqrt(var + eps)
+# and shift = beta - mean * scale, but its loop over an (M, C) view runs at about 60 % of the speed
+# of addcmul's (case B: 410 against 250 us). Below this many elements the kernel's single call
+# wins over the few small operations of the fold (measured crossover: 5e4 to 6.5e4 elements).
+_FOLD_MIN_ELEMENTS = 2**16
+
+
+def _folds(view: Tensor) -> bool:
+    """Whether ``view``'s normalization runs as one ``addcmul`` (where autograd records nothing).
+
+    Large 2-D CPU views in their compute dtype: the (M, C) views of channels-last inputs.
+    """
+    return (
+        view.device.type == "cpu" and view.dim() == 2 and view.dtype == compute_dtype(view.dtype)
+        and view.numel() >= _FOLD_MIN_ELEMENTS
+    )
 
 
 def valid_statistics(mean: Tensor, var: Tensor, count: Tensor | None = None) -> Tensor:
@@ -231,7 +246,12 @@ def _checked_statistics(view: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor
 
 def _needs_grad(*tensors: Tensor | None) -> bool:
     """Whether autograd will want gradients of any of ``tensors`` (else a Function is overhead)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    if not torch.is_grad_enabled():
+        return False
+    for t in tensors:
+        if t is not None and t.requires_grad:
+            return True
+    return False
 
 
 class _NormalizeByBatchStatistics(torch.autograd.Function):
@@ -276,9 +296,9 @@ def batch_norm_training(
     ``valid`` tells the channels whose statistics may update the moving ones: a bool tensor, or
     ``True`` when every channel's are (known without a synchronization, on CPU).
 
-    Where autograd records, and for 16-bit inputs, PyTorch's training kernel gives the output and
-    the statistics, and autograd its native backward; otherwise its statistics kernel and
-    :func:`normalize` do. The statistics are checked as in :func:`_checked_statistics`; where
+    PyTorch's training kernel gives the output and the statistics, and autograd its native
+    backward; where normalization folds into ``addcmul`` (see ``_folds``) and autograd records
+    nothing, its statistics kernel and :func:`normalize` do. The statistics are checked as in :func:`_checked_statistics`; where
     they are recomputed, the output is :func:`normalize`'s, differentiated by PyTorch's native
     training backward. Under ``torch.compile`` the moments accumulate in float64.
     """
@@ -289,15 +309,13 @@ def batch_norm_training(
         mean, var = _moments(view, torch.float64)
         valid = valid_statistics(mean, var)
     else:
-        if _needs_grad(view, gamma, beta) or view.dtype != compute_dtype(view.dtype):
-            # Autograd records PyTorch's fused training kernel and its native backward; for 16-bit
-            # inputs it is also the one kernel with float32 statistics.
-            y, mean, var = _native_training(view, gamma, beta, epsilon)
-        else:
-            # Without a gradient, the statistics kernel and normalize's addcmul are faster than the
-            # fused kernel (case B: about 470 against 650 us). With one, they lose as much in the
-            # backward of a Python Function (measured).
+        if _folds(view) and not _needs_grad(view, gamma, beta):
+            # The statistics kernel and normalize's addcmul beat the fused training kernel (case
+            # B: about 470 against 650 us). With a gradient they lose as much in the backward of
+            # a Python Function (measured), so autograd keeps the kernel and its native backward.
             mean, var = _kernel_statistics(view)
+        else:
+            y, mean, var = _native_training(view, gamma, beta, epsilon)
         kernel_mean = mean
         mean, var, valid = _checked_statistics(view, mean, var)
         if mean is not kernel_mean:  # recomputed: the kernel's output used the wrong statistics
