@@ -104,6 +104,10 @@ def normalize(
     ``gamma`` and ``beta``. All ``(C,)`` tensors must be in ``compute_dtype(view.dtype)``.
     ``out`` (shaped and typed like ``view``, outside autograd) receives ``y`` instead of a new
     tensor; it may hold anything before, as it is only written.
+
+    Where autograd records nothing and ``_folds(view)``, the per-channel ``scale`` and ``shift``
+    are formed first and ``y = x * scale + shift`` runs as one ``addcmul``; elsewhere PyTorch's
+    inference kernel runs (and autograd its native backward).
     """
     if _folds(view) and not _needs_grad(view, gamma, beta):
         scale = torch.rsqrt(var + epsilon)
@@ -257,7 +261,7 @@ def _needs_grad(*tensors: Tensor | None) -> bool:
 class _NormalizeByBatchStatistics(torch.autograd.Function):
     """``normalize`` with statistics computed elsewhere, differentiated as if the kernel had taken them.
 
-    Forward: the inference kernel. Backward: PyTorch's native training backward given these
+    Forward: :func:`normalize`. Backward: PyTorch's native training backward given these
     statistics, i.e. the gradient through them too.
     """
 
@@ -279,7 +283,7 @@ class _NormalizeByBatchStatistics(torch.autograd.Function):
 
 
 def _normalize_by_batch_statistics(view: Tensor, gamma, beta, mean: Tensor, var: Tensor, epsilon: float) -> Tensor:
-    """:class:`_NormalizeByBatchStatistics`, or just the inference kernel where no gradient is wanted."""
+    """:class:`_NormalizeByBatchStatistics`, or just :func:`normalize` where no gradient is wanted."""
     if not _needs_grad(view, gamma, beta):
         return normalize(view, mean, var, gamma, beta, epsilon)
     return _NormalizeByBatchStatistics.apply(view, gamma, beta, mean, var, epsilon)
@@ -296,11 +300,12 @@ def batch_norm_training(
     ``valid`` tells the channels whose statistics may update the moving ones: a bool tensor, or
     ``True`` when every channel's are (known without a synchronization, on CPU).
 
-    PyTorch's training kernel gives the output and the statistics, and autograd its native
-    backward; where normalization folds into ``addcmul`` (see ``_folds``) and autograd records
-    nothing, its statistics kernel and :func:`normalize` do. The statistics are checked as in :func:`_checked_statistics`; where
-    they are recomputed, the output is :func:`normalize`'s, differentiated by PyTorch's native
-    training backward. Under ``torch.compile`` the moments accumulate in float64.
+    PyTorch's training kernel gives the output and the statistics (for 16-bit inputs: float32
+    statistics), and autograd its native backward; where the normalization folds into ``addcmul``
+    (``_folds``) and autograd records nothing, PyTorch's statistics kernel and :func:`normalize`
+    do. The statistics are checked as in :func:`_checked_statistics`; where they are recomputed,
+    the output is :func:`normalize`'s, differentiated by PyTorch's native training backward.
+    Under ``torch.compile`` the moments accumulate in float64.
     """
     y = None
     if torch.compiler.is_compiling():
