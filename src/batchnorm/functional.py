@@ -378,9 +378,11 @@ def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsi
         # the output buffer (no other temporary) they are an ordinary batch, whose statistics the
         # unmasked path computes and checks; masked-out values never enter them.
         y = torch.empty_like(view, memory_format=torch.contiguous_format)
-        rows = torch.index_select(view, 0, inside.reshape(-1).nonzero().reshape(-1), out=y[: int(n)])
+        positions = inside.reshape(-1).nonzero().reshape(-1)
+        rows = torch.index_select(view, 0, positions, out=y[: len(positions)])
         mean, var, valid = _checked_statistics(rows, *_kernel_statistics(rows))
-        return normalize(view, mean, var, gamma, beta, epsilon, out=y), mean, var, valid, n, mean, var
+        y = normalize(view, mean, var, gamma, beta, epsilon, out=y)
+        return y, mean, var, valid, len(positions), mean, var  # an exact count, whatever its size
     elif view.is_contiguous():
         # Other axes: the output buffer holds the masked input first, and PyTorch's vectorized
         # CPU kernel sums it (its strided fallback accumulates 16-bit inputs in 16 bits). A product
