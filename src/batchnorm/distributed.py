@@ -153,8 +153,9 @@ _ROUNDING_RATIO = 2.0**10
 def _local_statistics(view: Tensor, inside: Tensor | None) -> Tensor:
     """This shard's packed ``[n_r, m_r (C), e_r (C), v_r (C)]`` in the compute dtype.
 
-    ``m_r`` and ``v_r`` are the local training paths' own statistics (stable; masked-out values
-    never enter them); their normalized output is not needed and dropped. ``e_r`` is the rounding
+    ``m_r`` and ``v_r`` are the local paths' own statistics (stable; masked-out values never
+    enter them): :func:`functional.batch_statistics`, which normalizes nothing, or the masked
+    training path, whose normalized output is dropped. ``e_r`` is the rounding
     error of ``m_r`` (``m_r + e_r`` is the mean to about twice the precision), measured where the
     mean is large against the spread, and on devices where deciding would cost a host
     synchronization; else 0. An empty shard sends zeros, which weigh nothing (not ``0 * NaN``).
@@ -165,7 +166,7 @@ def _local_statistics(view: Tensor, inside: Tensor | None) -> Tensor:
         return torch.zeros(1 + 3 * channels, dtype=dtype, device=view.device)
     with torch.no_grad():
         if inside is None:
-            _, mean, var, _ = functional.batch_norm_training(view, None, None, 1.0)
+            mean, var, _ = functional.batch_statistics(view)
             count = torch.full((1,), view.numel() // channels, dtype=dtype, device=view.device)
         else:
             zeros = torch.zeros(channels, dtype=dtype, device=view.device)

@@ -29,6 +29,7 @@ __all__ = [
     "mask_view",
     "normalize",
     "valid_statistics",
+    "batch_statistics",
     "batch_norm_training",
     "masked_batch_norm_training",
     "update_moving_statistics",
@@ -248,6 +249,21 @@ def _checked_statistics(view: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor
     return mean, var, valid_statistics(mean, var)
 
 
+def batch_statistics(view: Tensor) -> tuple[Tensor, Tensor, Tensor | bool]:
+    """``(mean, var, valid)`` of ``view``'s channels without normalizing; no gradient.
+
+    ``mean = mean_R(x)`` and ``var = mean_R((x - mean)**2)`` (biased) from PyTorch's statistics
+    kernel, checked as in :func:`_checked_statistics`; ``valid`` as in :func:`batch_norm_training`.
+    Under ``torch.compile`` the moments accumulate in float64.
+    """
+    if torch.compiler.is_compiling():
+        # Inductor's float32 reductions accumulate sequentially and lose the mean of large-offset
+        # data: accumulate in float64 inside the fused reduction (no float64 copy is made).
+        mean, var = _moments(view, torch.float64)
+        return mean, var, valid_statistics(mean, var)
+    return _checked_statistics(view, *_kernel_statistics(view))
+
+
 def _needs_grad(*tensors: Tensor | None) -> bool:
     """Whether autograd will want gradients of any of ``tensors`` (else a Function is overhead)."""
     if not torch.is_grad_enabled():
@@ -307,22 +323,15 @@ def batch_norm_training(
     the output is :func:`normalize`'s, differentiated by PyTorch's native training backward.
     Under ``torch.compile`` the moments accumulate in float64.
     """
-    y = None
-    if torch.compiler.is_compiling():
-        # Inductor's float32 reductions accumulate sequentially and lose the mean of large-offset
-        # data: accumulate in float64 inside the fused reduction (no float64 copy is made).
-        mean, var = _moments(view, torch.float64)
-        valid = valid_statistics(mean, var)
+    # The statistics kernel and normalize's addcmul beat the fused training kernel (case B:
+    # about 470 against 650 us). With a gradient they lose as much in the backward of a Python
+    # Function (measured), so autograd keeps the kernel and its native backward.
+    if torch.compiler.is_compiling() or (_folds(view) and not _needs_grad(view, gamma, beta)):
+        y = None
+        mean, var, valid = batch_statistics(view)
     else:
-        if _folds(view) and not _needs_grad(view, gamma, beta):
-            # The statistics kernel and normalize's addcmul beat the fused training kernel (case
-            # B: about 470 against 650 us). With a gradient they lose as much in the backward of
-            # a Python Function (measured), so autograd keeps the kernel and its native backward.
-            mean, var = _kernel_statistics(view)
-        else:
-            y, mean, var = _native_training(view, gamma, beta, epsilon)
-        kernel_mean = mean
-        mean, var, valid = _checked_statistics(view, mean, var)
+        y, kernel_mean, var = _native_training(view, gamma, beta, epsilon)
+        mean, var, valid = _checked_statistics(view, kernel_mean, var)
         if mean is not kernel_mean:  # recomputed: the kernel's output used the wrong statistics
             y = None
     if y is None:
@@ -380,7 +389,7 @@ def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsi
         y = torch.empty_like(view, memory_format=torch.contiguous_format)
         positions = inside.reshape(-1).nonzero().reshape(-1)
         rows = torch.index_select(view, 0, positions, out=y[: len(positions)])
-        mean, var, valid = _checked_statistics(rows, *_kernel_statistics(rows))
+        mean, var, valid = batch_statistics(rows)
         y = normalize(view, mean, var, gamma, beta, epsilon, out=y)
         return y, mean, var, valid, len(positions), mean, var  # an exact count, whatever its size
     elif view.is_contiguous():
