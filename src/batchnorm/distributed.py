@@ -202,12 +202,8 @@ def _combine(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     channels = (gathered.shape[1] - 1) // 3
     counts, means, roundings, variances = gathered.double().split([1, channels, channels, channels], dim=1)
-    count = counts.sum()
-    weights = counts / count.clamp(min=1)
-    means = means + roundings
-    mean = (weights * means).sum(0)
-    var = (weights * (variances + (means - mean).square())).sum(0)
-    return count.to(gathered.dtype), mean.to(gathered.dtype), var.to(gathered.dtype)
+    mean, var = functional.combine_statistics(counts, means + roundings, variances)
+    return counts.sum().to(gathered.dtype), mean.to(gathered.dtype), var.to(gathered.dtype)
 
 
 def _all_gather(local: Tensor, group: Any) -> Tensor:

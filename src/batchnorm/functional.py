@@ -3,7 +3,8 @@
 Everything here works on a *channel view* of the input: a view in which the normalized axis is
 dimension 1, so that PyTorch's native batch-norm kernels apply without moving data:
 
-* channels last (``axis == rank - 1``): ``(M, C)``, with ``M`` the product of the other sizes;
+* channels last (``axis == rank - 1``), or only sizes 1 after the axis: ``(M, C)``, with ``M``
+  the product of the other sizes;
 * any other axis: ``(A, C, B)``, with ``A``/``B`` the products of the sizes before/after it.
 
 For a contiguous input both are views (no copy). The statistics of channel ``c`` are taken over
@@ -30,6 +31,7 @@ __all__ = [
     "normalize",
     "valid_statistics",
     "batch_statistics",
+    "combine_statistics",
     "batch_norm_training",
     "masked_batch_norm_training",
     "update_moving_statistics",
@@ -44,13 +46,16 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 def channel_view(x: Tensor, axis: int) -> Tensor:
     """Reshape ``x`` so that ``axis`` (non-negative) becomes dimension 1: ``(M, C)`` or ``(A, C, B)``.
 
+    ``(M, C)`` when every dimension after ``axis`` has size 1 (channels last among them).
+
     A view whenever ``x``'s strides allow one (always for a contiguous ``x``); a copy otherwise.
     """
     shape = x.shape
     channels = shape[axis]
-    if axis == x.dim() - 1:
+    after = math.prod(shape[axis + 1 :])
+    if after == 1:  # channels last, or only size-1 dimensions after the axis: rows of channels
         return x.reshape(math.prod(shape[:axis]), channels)
-    return x.reshape(math.prod(shape[:axis]), channels, math.prod(shape[axis + 1 :]))
+    return x.reshape(math.prod(shape[:axis]), channels, after)
 
 
 def _per_channel(v: Tensor, view: Tensor) -> Tensor:
@@ -156,12 +161,37 @@ def valid_statistics(mean: Tensor, var: Tensor, count: Tensor | None = None) -> 
     return valid if count is None else valid & (count > 0)
 
 
+def combine_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tuple[Tensor, Tensor]:
+    """Mean and biased variance of a union of groups from each group's, in float64 (Chan et al.).
+
+    With ``n_k`` elements, mean ``m_k`` and biased variance ``v_k`` in group ``k`` (``counts``
+    ``(K, 1)``, ``means`` and ``variances`` ``(K, C)``) and ``w_k = n_k / sum(n)``::
+
+        mean = sum_k w_k m_k        var = sum_k w_k (v_k + (m_k - mean)**2)
+
+    Every term is non-negative, so nothing cancels. Groups without elements weigh nothing (their
+    statistics must be finite); with no element at all, both are zeros.
+    """
+    counts, means, variances = counts.double(), means.double(), variances.double()
+    weights = counts / counts.sum().clamp(min=1)
+    mean = (weights * means).sum(0)
+    var = (weights * (variances + (means - mean).square())).sum(0)
+    return mean, var
+
+
 # PyTorch's eager CPU kernels lose accuracy as the ratio mean^2 / variance grows. Measured worst
 # relative errors of the variance over sizes 2..1e5: the statistics kernels (training and
 # batch_norm_update_stats, one algorithm) stay near 1e-5 up to a ratio of 2^16; the float32 sums
 # E[x^2] - E[x]^2 of the inference backward (used for masks on other axes) reach 5e-5 at a ratio
 # of 4 and 3e-3 at 256. Beyond these ratios the statistics are recomputed by a stable algorithm.
 _TRUSTED_RATIO_STATISTICS_KERNEL = 2.0**16
+# On an (M, C) view the same kernels add each channel up row after row in float32, so their errors
+# grow with the rows and with the mean (2 threads, mean r standard deviations from 0: the mean's
+# error about 1e-6 * r sd at 4096 rows, 2.5e-3 sd at 2^20 rows and r = 256; the variance's 1.3e-6
+# at 4096 rows, 1.7e-4 at 2^20, whatever r). Views of more rows are taken in blocks of this many,
+# combined in float64, and trusted up to this ratio (r = 4: the mean within 6e-6 sd).
+_STATISTICS_BLOCK_ROWS = 4096
+_TRUSTED_RATIO_STATISTICS_KERNEL_ROWS = 2.0**4
 _TRUSTED_RATIO_CHANNEL_SUMS = 4.0
 # statistics_backward's one-pass term, x * slope + offset, keeps its accuracy up to this ratio.
 _TRUSTED_RATIO_FOLDED_TERM = 4.0
@@ -183,12 +213,25 @@ def _native_training(view: Tensor, gamma, beta, epsilon: float) -> tuple[Tensor,
     return y, mean, torch.sub(unbiased, unbiased, alpha=1.0 / n) if n > 1 else torch.zeros_like(unbiased)
 
 
+def _in_blocks(view: Tensor) -> bool:
+    """Whether PyTorch's CPU statistics kernels take ``view`` in blocks of rows (see ``_STATISTICS_BLOCK_ROWS``)."""
+    return view.device.type == "cpu" and view.dim() == 2 and view.shape[0] > _STATISTICS_BLOCK_ROWS
+
+
 def _kernel_statistics(view: Tensor) -> tuple[Tensor, Tensor]:
     """Biased mean and variance from PyTorch's native statistics kernel, in the compute dtype; no gradient.
 
     ``batch_norm_update_stats`` computes them alone. For 16-bit inputs it answers in 16 bits on
-    CPU, so they come from the mixed-dtype training kernel instead (its output is dropped).
+    CPU, so they come from the mixed-dtype training kernel instead (its output is dropped). A CPU
+    ``(M, C)`` view of more than ``_STATISTICS_BLOCK_ROWS`` rows is taken in blocks of that many
+    rows, whose statistics :func:`combine_statistics` joins.
     """
+    if _in_blocks(view):
+        blocks = view.split(_STATISTICS_BLOCK_ROWS)
+        means, variances = zip(*map(_kernel_statistics, blocks))
+        counts = torch.tensor([[len(block)] for block in blocks], dtype=torch.float64)
+        mean, var = combine_statistics(counts, torch.stack(means), torch.stack(variances))
+        return mean.to(means[0].dtype), var.to(means[0].dtype)
     if view.dtype == compute_dtype(view.dtype):
         return torch.batch_norm_update_stats(view.detach(), None, None, 1.0)
     with torch.no_grad():
@@ -223,7 +266,8 @@ def _checked_statistics(view: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor
     """``(mean, var, valid)``: the kernel's statistics of ``view``, or stable ones where they may be inaccurate.
 
     On PyTorch's eager CPU kernels one host check tells whether the statistics are finite
-    (``valid = True``) and the mean small enough for the kernel (``_TRUSTED_RATIO_STATISTICS_KERNEL``).
+    (``valid = True``) and the mean small enough for the kernel (``_TRUSTED_RATIO_STATISTICS_KERNEL``,
+    ``_TRUSTED_RATIO_STATISTICS_KERNEL_ROWS`` on an ``(M, C)`` view).
     If not, the kernel runs again on the input shifted by its mean (one more pass and a
     temporary), and where even that fails, the moments come from Welford's algorithm
     (``torch.var_mean``, slow on CPU). Elsewhere the kernel's are kept (CUDA's use Welford already)
@@ -232,18 +276,23 @@ def _checked_statistics(view: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor
     if not _eager_cpu(view):
         return mean, var, valid_statistics(mean, var)
     # A single element per channel has the exact variance 0: only finiteness is in question.
-    ratio = _TRUSTED_RATIO_STATISTICS_KERNEL if view.numel() > view.shape[1] else math.inf
+    if view.numel() == view.shape[1]:
+        ratio = math.inf
+    else:
+        ratio = _TRUSTED_RATIO_STATISTICS_KERNEL_ROWS if view.dim() == 2 else _TRUSTED_RATIO_STATISTICS_KERNEL
     if _finite_and_accurate(mean, var, ratio):
         return mean, var, True
-    # The kernel's mean stays accurate where its variance does not. Shifted by it (exactly near
-    # the mean, Sterbenz), the data has a small mean, the kernel's statistics are accurate, and
-    # the variance is the same.
+    # The kernel's mean errs by a small fraction of the offset. Shifted by it (exactly near the
+    # mean, Sterbenz), the data has a small mean, the kernel's statistics are accurate, and the
+    # variance is the same.
     shift = mean.to(view.dtype)
     shifted_mean, var = _kernel_statistics(view - _per_channel(shift, view))
-    # A channel constant up to the data's resolution keeps a residual mean of that order,
-    # whose error on the variance lies far below that resolution squared: accepted.
+    # A channel constant up to the data's resolution keeps a residual mean of some resolutions
+    # (tens of them on an (M, C) view), whose error on the variance lies far below that
+    # resolution squared: accepted, up to the kernel's general ratio.
     resolution = mean.abs() * torch.finfo(view.dtype).eps
-    if _finite_and_accurate(shifted_mean, torch.addcmul(var, resolution, resolution), ratio):
+    residual_ratio = max(ratio, _TRUSTED_RATIO_STATISTICS_KERNEL)
+    if _finite_and_accurate(shifted_mean, torch.addcmul(var, resolution, resolution), residual_ratio):
         return shifted_mean + shift, var, True
     mean, var = _moments(view, compute_dtype(view.dtype))
     return mean, var, valid_statistics(mean, var)
@@ -318,15 +367,20 @@ def batch_norm_training(
 
     PyTorch's training kernel gives the output and the statistics (for 16-bit inputs: float32
     statistics), and autograd its native backward; where the normalization folds into ``addcmul``
-    (``_folds``) and autograd records nothing, PyTorch's statistics kernel and :func:`normalize`
-    do. The statistics are checked as in :func:`_checked_statistics`; where they are recomputed,
-    the output is :func:`normalize`'s, differentiated by PyTorch's native training backward.
+    (``_folds``) and autograd records nothing, or where the statistics are taken in blocks of
+    rows (``_STATISTICS_BLOCK_ROWS``), PyTorch's statistics kernel and :func:`normalize` do.
+    The statistics are checked as in :func:`_checked_statistics`; where they are recomputed, the
+    output is :func:`normalize`'s, differentiated by PyTorch's native training backward.
     Under ``torch.compile`` the moments accumulate in float64.
     """
     # The statistics kernel and normalize's addcmul beat the fused training kernel (case B:
     # about 470 against 650 us). With a gradient they lose as much in the backward of a Python
-    # Function (measured), so autograd keeps the kernel and its native backward.
-    if torch.compiler.is_compiling() or (_folds(view) and not _needs_grad(view, gamma, beta)):
+    # Function (measured), so autograd keeps the kernel and its native backward, except where
+    # the statistics must be taken in blocks: the fused kernel would take them in one.
+    if (
+        torch.compiler.is_compiling() or _in_blocks(view)
+        or (_folds(view) and not _needs_grad(view, gamma, beta))
+    ):
         y = None
         mean, var, valid = batch_statistics(view)
     else:
