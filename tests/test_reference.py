@@ -718,6 +718,34 @@ def test_masked_gradient_with_one_element_and_small_epsilon(seed):
     assert_near(x.grad, grads_ref[0], 1e-4, "grad x")
 
 
+@pytest.mark.parametrize("shape,axis", [((6, 4), -1), ((3, 4, 5), 1), ((4100, 2), -1)])  # last: in blocks
+def test_second_derivatives_match_the_reference(shape, axis):
+    # Gradient penalties differentiate the gradient: the fused kernel's and the blocked path's
+    # (PyTorch's native backward) are differentiable again.
+    bn = make_layer(shape, axis, seed=60, dtype=torch.float64)
+    x = random_input(shape, torch.float64, seed=60).requires_grad_()
+    upstream, direction = (random_input(shape, torch.float64, seed=s, offset=0.0) for s in (61, 62))
+
+    def second_derivative(y):
+        (grad,) = torch.autograd.grad((y * upstream).sum(), x, create_graph=True)
+        return torch.autograd.grad((grad * direction).sum(), x)[0]
+
+    mean, var, _ = batch_moments(x, axis)
+    expected = second_derivative(normalize(x, axis, mean, var, bn.gamma, bn.beta, bn.epsilon))
+    assert_near(second_derivative(bn(x, training=True)), expected, 1e-8, "second derivative")
+
+
+def test_masked_second_derivative_refuses_rather_than_being_wrong():
+    # The masked backward's formulas take the statistics as constants: differentiating them again
+    # would silently drop terms, so PyTorch is told it cannot be (once_differentiable).
+    x = random_input((6, 4), torch.float64, seed=63).requires_grad_()
+    bn = BatchNormalization(dtype=torch.float64)
+    y = bn(x, training=True, mask=torch.tensor([1, 1, 0, 1, 1, 0], dtype=torch.bool))
+    (grad,) = torch.autograd.grad((y**3).sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        grad.sum().backward()
+
+
 @pytest.mark.parametrize("center,scale", [(False, True), (True, False), (False, False)])
 @pytest.mark.parametrize("training", [True, False])
 def test_folded_normalization_without_gamma_or_beta(center, scale, training):

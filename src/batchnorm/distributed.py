@@ -42,6 +42,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from . import functional
 
@@ -237,6 +238,7 @@ class _SynchronizedBatchNormTraining(torch.autograd.Function):
         return y, mean, var, functional.valid_statistics(mean, var, count)
 
     @staticmethod
+    @once_differentiable  # its formulas take the statistics as constants: no second derivative
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_valid):
         view, inside, gamma, mean, var, count = ctx.saved_tensors
         # Every rank whose input needs a gradient joins the all-reduce, an empty one too.

@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 __all__ = [
     "channel_view",
@@ -494,6 +495,7 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
         return y, mean, var, valid
 
     @staticmethod
+    @once_differentiable  # its formulas take the statistics as constants: no second derivative
     def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_valid):
         view, inside, gamma, mean, var = ctx.saved_tensors
         grads = statistics_backward(
