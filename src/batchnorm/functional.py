@@ -184,7 +184,9 @@ def combine_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tupl
 # relative errors of the variance over sizes 2..1e5: the statistics kernels (training and
 # batch_norm_update_stats, one algorithm) stay near 1e-5 up to a ratio of 2^16; the float32 sums
 # E[x^2] - E[x]^2 of the inference backward (used for masks on other axes) reach 5e-5 at a ratio
-# of 4 and 3e-3 at 256. Beyond these ratios the statistics are recomputed by a stable algorithm.
+# of 4 and 3e-3 at 256, and grow with the length B of the (A, C, B) view's rows (3e-4 at a
+# ratio of 4 with B = 2^22; 9e-7 with B = 2^16). Beyond these ratios the statistics are
+# recomputed by a stable algorithm.
 _TRUSTED_RATIO_STATISTICS_KERNEL = 2.0**16
 # On an (M, C) view the same kernels add each channel up row after row in float32, so their errors
 # grow with the rows and with the mean (2 threads, mean r standard deviations from 0: the mean's
@@ -429,7 +431,8 @@ def _masked_moments(masked: Tensor, inside: Tensor, count: Tensor, accumulate: t
 def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float):
     """``(y, mean, var, valid, count, used_mean, used_var)`` of a masked training call (see below).
 
-    ``count`` is a number where the host read it (CPU), else a 0-dim tensor.
+    ``count`` is a number on the CPU paths that read it (channels last; the one-pass sums), else
+    a 0-dim tensor.
     """
     dtype = compute_dtype(view.dtype)
     count = inside.sum(dtype=dtype)
@@ -472,10 +475,11 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
     """Batch normalization with the statistics of the masked-in elements, explicit backward.
 
     Forward, on PyTorch's eager CPU kernels: for channels last, the masked-in rows gathered and
-    given to the unmasked path's statistics; on other axes, the input with masked-out positions
-    zeroed (the one temporary) and one fused native pass for ``sum(x)`` and ``sum(x**2)``, with an
-    accuracy check. The stable fallback, and the path on other devices (where a check would cost
-    a synchronization), is the corrected two-pass algorithm (in float64 under ``torch.compile``).
+    given to the unmasked path's statistics; on other axes of a contiguous input, the input with
+    masked-out positions zeroed (the one temporary) and one fused native pass for ``sum(x)`` and
+    ``sum(x**2)``, with an accuracy check. The stable fallback, and the path for non-contiguous
+    inputs on other axes and on other devices (where a check would cost a synchronization), is
+    the corrected two-pass algorithm (in float64 under ``torch.compile``).
     Masked-out values never enter the statistics, whatever they hold (as Keras's
     ``where(mask, x, 0)``). The output is :func:`normalize`'s.
 

@@ -104,7 +104,8 @@ class BatchNormalization(nn.Module):
         trainable: see above.
         dtype: dtype of the weights and moving statistics: a floating ``torch.dtype``, a Keras
             dtype-policy name or dict (``mixed_*`` policies mean float32). Default float32.
-        device: where weights are created by :meth:`build`; a lazy build uses the input's device.
+        device: where weights are created by :meth:`build` or by the lazy build of the first
+            call (which otherwise uses the input's device).
         process_group: the ``torch.distributed`` group that synchronizes (default: all ranks).
 
     Example::
