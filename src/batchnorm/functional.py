@@ -194,6 +194,12 @@ _TRUSTED_RATIO_STATISTICS_KERNEL = 2.0**16
 # at 4096 rows, 1.7e-4 at 2^20, whatever r). Views of more rows are taken in blocks of this many,
 # combined in float64, and trusted up to this ratio (r = 4: the mean within 6e-6 sd).
 _STATISTICS_BLOCK_ROWS = 4096
+# The mixed 16-bit training kernel's errors on an (A, C, B) view grow with the elements per
+# channel too (bfloat16, mean 1 sd from 0: the variance's 4e-7 at 2^14 elements, 1.1e-5 at 2^18,
+# 7e-5 at 2^20, 4e-4 at 2^22): larger views are taken in blocks (along A) of at most this many
+# per channel. Each block's kernel also writes an output that is dropped, so a blocked training
+# forward costs about 1.5 times the fused kernel's.
+_STATISTICS_BLOCK_ELEMENTS_16_BIT = 2**18
 _TRUSTED_RATIO_STATISTICS_KERNEL_ROWS = 2.0**4
 _TRUSTED_RATIO_CHANNEL_SUMS = 4.0
 # statistics_backward's one-pass term, x * slope + offset, keeps its accuracy up to this ratio.
@@ -216,21 +222,30 @@ def _native_training(view: Tensor, gamma, beta, epsilon: float) -> tuple[Tensor,
     return y, mean, torch.sub(unbiased, unbiased, alpha=1.0 / n) if n > 1 else torch.zeros_like(unbiased)
 
 
-def _in_blocks(view: Tensor) -> bool:
-    """Whether PyTorch's CPU statistics kernels take ``view`` in blocks of rows (see ``_STATISTICS_BLOCK_ROWS``)."""
-    return view.device.type == "cpu" and view.dim() == 2 and view.shape[0] > _STATISTICS_BLOCK_ROWS
+def _block_size(view: Tensor) -> int | None:
+    """The size along dimension 0 of the blocks PyTorch's CPU kernels take ``view``'s statistics
+    in, or ``None`` where one call is accurate (see ``_STATISTICS_BLOCK_ROWS``)."""
+    if view.device.type != "cpu":
+        return None
+    if view.dim() == 2:
+        size = _STATISTICS_BLOCK_ROWS
+    elif view.dtype != compute_dtype(view.dtype):
+        size = max(1, _STATISTICS_BLOCK_ELEMENTS_16_BIT // view.shape[2])
+    else:
+        return None
+    return size if view.shape[0] > size else None
 
 
 def _kernel_statistics(view: Tensor) -> tuple[Tensor, Tensor]:
     """Biased mean and variance from PyTorch's native statistics kernel, in the compute dtype; no gradient.
 
     ``batch_norm_update_stats`` computes them alone. For 16-bit inputs it answers in 16 bits on
-    CPU, so they come from the mixed-dtype training kernel instead (its output is dropped). A CPU
-    ``(M, C)`` view of more than ``_STATISTICS_BLOCK_ROWS`` rows is taken in blocks of that many
-    rows, whose statistics :func:`combine_statistics` joins.
+    CPU, so they come from the mixed-dtype training kernel instead (its output is dropped). Where
+    one call would lose accuracy on CPU (``_block_size``), blocks along dimension 0 are taken
+    apart, and :func:`combine_statistics` joins their statistics.
     """
-    if _in_blocks(view):
-        blocks = view.split(_STATISTICS_BLOCK_ROWS)
+    if block_size := _block_size(view):
+        blocks = view.split(block_size)
         means, variances = zip(*map(_kernel_statistics, blocks))
         counts = torch.tensor([[len(block)] for block in blocks], dtype=torch.float64)
         mean, var = combine_statistics(counts, torch.stack(means), torch.stack(variances))
@@ -371,7 +386,7 @@ def batch_norm_training(
     PyTorch's training kernel gives the output and the statistics (for 16-bit inputs: float32
     statistics), and autograd its native backward; where the normalization folds into ``addcmul``
     (``_folds``) and autograd records nothing, or where the statistics are taken in blocks of
-    rows (``_STATISTICS_BLOCK_ROWS``), PyTorch's statistics kernel and :func:`normalize` do.
+    rows (``_block_size``), PyTorch's statistics kernel and :func:`normalize` do.
     The statistics are checked as in :func:`_checked_statistics`; where they are recomputed, the
     output is :func:`normalize`'s, differentiated by PyTorch's native training backward.
     Under ``torch.compile`` the moments accumulate in float64.
@@ -381,7 +396,7 @@ def batch_norm_training(
     # Function (measured), so autograd keeps the kernel and its native backward, except where
     # the statistics must be taken in blocks: the fused kernel would take them in one.
     if (
-        torch.compiler.is_compiling() or _in_blocks(view)
+        torch.compiler.is_compiling() or _block_size(view)
         or (_folds(view) and not _needs_grad(view, gamma, beta))
     ):
         y = None
