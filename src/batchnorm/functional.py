@@ -452,33 +452,33 @@ def _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsi
     dtype = compute_dtype(view.dtype)
     count = inside.sum(dtype=dtype)
     y = None
-    if not _eager_cpu(view) or (n := count.item()) == 0:
-        accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
-        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, accumulate)
-    elif view.dim() == 2:
-        # Channels last: the masked-in elements are whole rows of the (M, C) view. Gathered into
-        # the output buffer (no other temporary) they are an ordinary batch, whose statistics the
-        # unmasked path computes and checks; masked-out values never enter them.
-        y = torch.empty_like(view, memory_format=torch.contiguous_format)
-        positions = inside.reshape(-1).nonzero().reshape(-1)
-        rows = torch.index_select(view, 0, positions, out=y[: len(positions)])
-        mean, var, valid = batch_statistics(rows)
-        y = normalize(view, mean, var, gamma, beta, epsilon, out=y)
-        return y, mean, var, valid, len(positions), mean, var  # an exact count, whatever its size
-    elif view.is_contiguous():
-        # Other axes: the output buffer holds the masked input first, and PyTorch's vectorized
-        # CPU kernel sums it (its strided fallback accumulates 16-bit inputs in 16 bits). A product
-        # with the 0/1 weights is far faster than where() on CPU, but lets a masked-out NaN or Inf
-        # through (0 * NaN), which the check below sends, as a large offset, to the stable path.
-        y = torch.mul(view, inside, out=torch.empty_like(view))
-        sums, sum_squares = _channel_sums(y)
-        mean = sums / n
-        var = torch.addcmul(sum_squares, sums, mean, value=-1).div_(n)  # may round below 0: not accepted
-        if _finite_and_accurate(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS):
-            return normalize(view, mean, var, gamma, beta, epsilon, out=y), mean, var, True, n, mean, var
-        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, dtype)
-    else:
-        mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, dtype)
+    if _eager_cpu(view) and (n := count.item()) > 0:
+        if view.dim() == 2:
+            # Channels last: the masked-in elements are whole rows of the (M, C) view. Gathered
+            # into the output buffer (no other temporary) they are an ordinary batch, whose
+            # statistics the unmasked path computes and checks; masked-out values never enter them.
+            y = torch.empty_like(view, memory_format=torch.contiguous_format)
+            positions = inside.reshape(-1).nonzero().reshape(-1)
+            rows = torch.index_select(view, 0, positions, out=y[: len(positions)])
+            mean, var, valid = batch_statistics(rows)
+            y = normalize(view, mean, var, gamma, beta, epsilon, out=y)
+            return y, mean, var, valid, len(positions), mean, var  # an exact count, whatever its size
+        if view.is_contiguous():
+            # Other axes: the output buffer holds the masked input first, and PyTorch's vectorized
+            # CPU kernel sums it (its strided fallback accumulates 16-bit inputs in 16 bits). A
+            # product with the 0/1 weights is far faster than where() on CPU, but lets a masked-out
+            # NaN or Inf through (0 * NaN), which the check below sends, as a large offset, to the
+            # stable path.
+            y = torch.mul(view, inside, out=torch.empty_like(view))
+            sums, sum_squares = _channel_sums(y)
+            mean = sums / n
+            var = torch.addcmul(sum_squares, sums, mean, value=-1).div_(n)  # may round below 0: not accepted
+            if _finite_and_accurate(mean, var, _TRUSTED_RATIO_CHANNEL_SUMS):
+                return normalize(view, mean, var, gamma, beta, epsilon, out=y), mean, var, True, n, mean, var
+    # The stable path: no element, other devices (where a check would cost a synchronization),
+    # non-contiguous inputs on other axes, and where the one-pass sums are inaccurate.
+    accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
+    mean, var = _masked_moments(torch.where(inside, view, 0), inside, count, accumulate)
     has_elements = count > 0
     used_mean = torch.where(has_elements, mean, fallback_mean)
     used_var = torch.where(has_elements, var, fallback_var)

@@ -276,7 +276,7 @@ class BatchNormalization(nn.Module):
 
     def _check_call(self, inputs: Tensor, mask: Tensor | None) -> int:
         """Validate a call before anything is built or written; return the channel axis."""
-        if not inputs.is_floating_point() and inputs.is_complex():
+        if inputs.is_complex():
             raise TypeError(f"inputs must be real, received dtype={inputs.dtype}")
         shape = inputs.shape
         if self._built_shape is not None and len(shape) != len(self._built_shape):
