@@ -297,7 +297,9 @@ def _checked_statistics(view: Tensor, mean: Tensor, var: Tensor) -> tuple[Tensor
     if view.numel() == view.shape[1]:
         ratio = math.inf
     else:
-        ratio = _TRUSTED_RATIO_STATISTICS_KERNEL_ROWS if view.dim() == 2 else _TRUSTED_RATIO_STATISTICS_KERNEL
+        # float32 only: a 16-bit shifted retry would round (x - shift) in 16 bits; float64 sums are ample.
+        rows = view.dim() == 2 and view.dtype == torch.float32
+        ratio = _TRUSTED_RATIO_STATISTICS_KERNEL_ROWS if rows else _TRUSTED_RATIO_STATISTICS_KERNEL
     if _finite_and_accurate(mean, var, ratio):
         return mean, var, True
     # The kernel's mean errs by a small fraction of the offset. Shifted by it (exactly near the
