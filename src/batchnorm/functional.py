@@ -194,13 +194,13 @@ _TRUSTED_RATIO_STATISTICS_KERNEL = 2.0**16
 # at 4096 rows, 1.7e-4 at 2^20, whatever r). Views of more rows are taken in blocks of this many,
 # combined in float64, and trusted up to this ratio (r = 4: the mean within 6e-6 sd).
 _STATISTICS_BLOCK_ROWS = 4096
+_TRUSTED_RATIO_STATISTICS_KERNEL_ROWS = 2.0**4  # float32 views; see _checked_statistics
 # The mixed 16-bit training kernel's errors on an (A, C, B) view grow with the elements per
 # channel too (bfloat16, mean 1 sd from 0: the variance's 4e-7 at 2^14 elements, 1.1e-5 at 2^18,
 # 7e-5 at 2^20, 4e-4 at 2^22): larger views are taken in blocks (along A) of at most this many
 # per channel. Each block's kernel also writes an output that is dropped, so a blocked training
 # forward costs about 1.5 times the fused kernel's.
 _STATISTICS_BLOCK_ELEMENTS_16_BIT = 2**18
-_TRUSTED_RATIO_STATISTICS_KERNEL_ROWS = 2.0**4
 _TRUSTED_RATIO_CHANNEL_SUMS = 4.0
 # statistics_backward's one-pass term, x * slope + offset, keeps its accuracy up to this ratio.
 _TRUSTED_RATIO_FOLDED_TERM = 4.0
