@@ -14,7 +14,7 @@ from batchnorm.constraints import NonNeg
 from batchnorm.regularizers import L2
 
 from reference import batch_moments
-from state import assert_state_equal, snapshot
+from state import assert_state_equal, assert_unbuilt, snapshot
 
 
 # ------------------------------------------------------------------------------------------ build
@@ -22,7 +22,7 @@ from state import assert_state_equal, snapshot
 
 def test_lazy_build_creates_channel_sized_weights_on_first_call():
     bn = BatchNormalization(axis=1)
-    assert not bn.built and bn.gamma is None and bn.moving_mean is None
+    assert_unbuilt(bn)
     bn(torch.randn(4, 3, 5), training=False)
     assert bn.built
     for tensor in (bn.gamma, bn.beta, bn.moving_mean, bn.moving_variance):

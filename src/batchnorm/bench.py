@@ -19,8 +19,9 @@ Measures, in one process and under one allocator configuration, for each case an
 
 Cases (float32 unless said): A ``(64,56,56,64)`` axis=-1; B ``(32,128,768)`` axis=-1;
 C ``(4096,1024)`` axis=-1; D ``(64,64,56,56)`` axis=1; E = B with a ``(32,128)`` mask whose
-positions are exactly 25% False (seeded); F = B in bfloat16. ``quick`` divides every case by 128
-in its batch/spatial dimensions (channel counts unchanged).
+positions are exactly 25% False (seeded); F = B in bfloat16; G ``(32,64,28,28)`` axis=1 in
+``torch.channels_last`` memory (torch's reference is ``F.batch_norm`` on the same tensor). ``quick``
+divides every case by 128 in its batch/spatial dimensions (about; channel counts unchanged).
 
 Modes: ``inference`` (forward, ``training=False``, under ``torch.no_grad()``); ``training``
 (forward with batch statistics, moving statistics updated, under ``torch.no_grad()``);
@@ -177,6 +178,7 @@ class Case:
     axis: int
     dtype: torch.dtype = torch.float32
     mask_false_fraction: float | None = None   # masked case: this fraction of positions False
+    memory_format: torch.memory_format = torch.contiguous_format
     note: str = ""
 
     def size(self, quick: bool) -> tuple[int, ...]:
@@ -188,6 +190,8 @@ class Case:
 
         dtype = str(self.dtype).replace("torch.", "")
         text = f"{self.name} {fmt(self.size(quick))} {dtype} axis={self.axis}"
+        if self.memory_format != torch.contiguous_format:
+            text += f" {str(self.memory_format).removeprefix('torch.')}"
         if self.mask_false_fraction is not None:
             text += f", mask {fmt(self.mask_shape(quick))} {self.mask_false_fraction:.0%} False"
         return text
@@ -207,6 +211,8 @@ CASES: dict[str, Case] = {
         Case("D", (64, 64, 56, 56), (8, 64, 14, 14), 1, note="NCHW conv activations"),
         Case("E", (32, 128, 768), (2, 16, 768), -1, mask_false_fraction=0.25, note="B with a padding mask"),
         Case("F", (32, 128, 768), (2, 16, 768), -1, dtype=torch.bfloat16, note="B in bfloat16"),
+        Case("G", (32, 64, 28, 28), (4, 64, 7, 7), 1, memory_format=torch.channels_last,
+             note="NCHW in torch.channels_last memory"),
     )
 }
 
@@ -351,8 +357,9 @@ def _keras(keras, case: Case, x: Tensor, training: bool, mask: Tensor | None, de
 def _make_inputs(case: Case, quick: bool, device: torch.device, seed: int = 0):
     generator = torch.Generator().manual_seed(seed)
     shape = case.size(quick)
-    x = (torch.randn(shape, generator=generator) * 2.0 + 0.5).to(device=device, dtype=case.dtype)
-    g = torch.randn(shape, generator=generator).to(device=device, dtype=case.dtype)
+    layout = {"device": device, "dtype": case.dtype, "memory_format": case.memory_format}
+    x = (torch.randn(shape, generator=generator) * 2.0 + 0.5).to(**layout)
+    g = torch.randn(shape, generator=generator).to(**layout)
     mask = None
     if case.mask_false_fraction is not None:
         mask_shape = case.mask_shape(quick)
@@ -567,7 +574,7 @@ def _rows_for_case(case: Case, modes: Sequence[str], entries: list[_Entry], x: T
 
 
 def benchmark(
-    cases: str | Iterable[str] = "ABCDEF",
+    cases: str | Iterable[str] = "ABCDEFG",
     modes: str | Iterable[str] = MODES,
     repeats: int | None = None,
     threads: int | None = None,
@@ -638,7 +645,7 @@ def describe_environment(
     warmup: int | None = None,
     quick: bool = False,
     keras: bool = True,
-    cases: str | Iterable[str] = "ABCDEF",
+    cases: str | Iterable[str] = "ABCDEFG",
     modes: str | Iterable[str] = MODES,
     min_sample_ms: float = 1.0,
     command: str | None = None,

@@ -25,7 +25,9 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 __all__ = [
+    "memory_order",
     "channel_view",
+    "from_channel_view",
     "compute_dtype",
     "check_mask",
     "mask_view",
@@ -44,19 +46,46 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
-def channel_view(x: Tensor, axis: int) -> Tensor:
+def memory_order(x: Tensor) -> tuple[int, ...] | None:
+    """The order of ``x``'s dimensions as laid out in memory, outermost first, where it is not the
+    order of its shape; ``None`` for a contiguous ``x`` and where no such order is dense.
+
+    ``(0, 2, 3, 1)`` for a ``torch.channels_last`` ``(N, C, H, W)`` tensor: ``x.permute(order)``
+    is contiguous, so :func:`channel_view` reads it without a copy.
+    """
+    if x.is_contiguous():
+        return None
+    order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))  # stable: ties keep their order
+    return order if x.permute(order).is_contiguous() else None
+
+
+def channel_view(x: Tensor, axis: int, order: tuple[int, ...] | None = None) -> Tensor:
     """Reshape ``x`` so that ``axis`` (non-negative) becomes dimension 1: ``(M, C)`` or ``(A, C, B)``.
 
-    ``(M, C)`` when every dimension after ``axis`` has size 1 (channels last among them).
+    The dimensions are taken in ``order`` (:func:`memory_order`; ``None``: as they are), and
+    ``A``/``B`` are the products of the sizes before/after ``axis`` in it; ``(M, C)`` when every
+    size after it is 1 (channels last, e.g. a ``torch.channels_last`` input with ``axis=1``).
 
-    A view whenever ``x``'s strides allow one (always for a contiguous ``x``); a copy otherwise.
+    A view whenever ``x``'s strides allow one (always for a tensor dense in ``order``); a copy
+    otherwise. :func:`from_channel_view` undoes it.
     """
+    if order is not None:
+        x, axis = x.permute(order), order.index(axis)
     shape = x.shape
     channels = shape[axis]
     after = math.prod(shape[axis + 1 :])
     if after == 1:  # channels last, or only size-1 dimensions after the axis: rows of channels
         return x.reshape(math.prod(shape[:axis]), channels)
     return x.reshape(math.prod(shape[:axis]), channels, after)
+
+
+def from_channel_view(y: Tensor, shape: torch.Size, order: tuple[int, ...] | None = None) -> Tensor:
+    """``y``, a channel view made by ``channel_view(x, axis, order)``, back in ``x``'s ``shape``
+    and, for a contiguous ``y``, in ``x``'s memory layout (a view)."""
+    if order is None:
+        return y.reshape(shape)
+    inverse = sorted(range(len(order)), key=order.__getitem__)
+    return y.reshape([shape[d] for d in order]).permute(inverse)
 
 
 def _per_channel(v: Tensor, view: Tensor) -> Tensor:
@@ -83,8 +112,8 @@ def check_mask(mask: Tensor, shape: torch.Size, axis: int) -> None:
         )
 
 
-def mask_view(mask: Tensor, shape: torch.Size, axis: int) -> Tensor:
-    """The mask as booleans shaped like the channel view of ``shape`` with ``C`` replaced by 1.
+def mask_view(mask: Tensor, shape: torch.Size, axis: int, order: tuple[int, ...] | None = None) -> Tensor:
+    """The mask as booleans shaped like ``channel_view(x, axis, order)`` with ``C`` replaced by 1.
 
     Non-zero mask values count as True (as Keras 3.15, which casts the mask to bool).
     """
@@ -93,7 +122,7 @@ def mask_view(mask: Tensor, shape: torch.Size, axis: int) -> Tensor:
     full[axis] = 1
     if list(inside.shape) != full:  # size-1 dimensions broadcast
         inside = inside.expand(full)
-    return channel_view(inside, axis)
+    return channel_view(inside, axis, order)
 
 
 def normalize(
@@ -264,6 +293,44 @@ def _moments(view: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
     return mean.to(stats_dtype), var.to(stats_dtype)
 
 
+def _transforms_active() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) runs this call.
+
+    Its batched tensors take no host reads and no in-place writes into unbatched scratch tensors,
+    and an ``autograd.Function`` needs a ``setup_context``: :func:`_differentiable_training` runs
+    instead of the kernels.
+    """
+    return not torch.compiler.is_compiling() and torch._C._are_functorch_transforms_active()
+
+
+def _differentiable_training(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float):
+    """``(y, mean, var, valid)`` as the training functions, in plain differentiable tensor operations.
+
+    The statistics by ``var_mean`` (or the masked sums, with ``where`` so that masked-out values
+    reach no sum), ``y = (x - mean) * gamma / sqrt(var + epsilon) + beta``, gradients through all
+    of it by autograd. ``fallback_mean``/``fallback_var`` stand in where the mask leaves no element.
+    """
+    x = view.to(compute_dtype(view.dtype))
+    dims = _reduced_dims(view)
+    if inside is None:
+        var, mean = torch.var_mean(x, dims, correction=0)
+        used_mean, used_var, valid = mean, var, valid_statistics(mean, var)
+    else:
+        count = inside.sum(dims, dtype=x.dtype)
+        mean = torch.where(inside, x, 0).sum(dims) / count
+        var = torch.where(inside, x - _per_channel(mean, x), 0).square().sum(dims) / count
+        used_mean = torch.where(count > 0, mean, fallback_mean)
+        used_var = torch.where(count > 0, var, fallback_var)
+        valid = valid_statistics(mean, var, count)
+    scale = torch.rsqrt(used_var + epsilon)
+    if gamma is not None:
+        scale = scale * gamma
+    y = (x - _per_channel(used_mean, x)) * _per_channel(scale, x)
+    if beta is not None:
+        y = y + _per_channel(beta, x)
+    return y.to(view.dtype), mean.detach(), var.detach(), valid
+
+
 def _eager_cpu(view: Tensor) -> bool:
     """Whether ``view`` meets PyTorch's eager CPU kernels, where reading a result on the host is free."""
     return view.device.type == "cpu" and not torch.compiler.is_compiling()
@@ -393,6 +460,8 @@ def batch_norm_training(
     output is :func:`normalize`'s, differentiated by PyTorch's native training backward.
     Under ``torch.compile`` the moments accumulate in float64.
     """
+    if _transforms_active():
+        return _differentiable_training(view, None, gamma, beta, None, None, epsilon)
     # The statistics kernel and normalize's addcmul beat the fused training kernel (case B:
     # about 470 against 650 us). With a gradient they lose as much in the backward of a Python
     # Function (measured), so autograd keeps the kernel and its native backward, except where
@@ -512,7 +581,9 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
         ctx.count, ctx.epsilon = count, epsilon  # count: an intermediate (tensor) or a number
         # The backward's one-pass term needs mean^2 <= 4 var; on CPU the check is free.
         ctx.small_mean = valid is True and _finite_and_accurate(mean, var, _TRUSTED_RATIO_FOLDED_TERM)
-        ctx.mark_non_differentiable(mean, var)
+        if valid is True:  # a Function returns tensors (torch.jit.trace replays it so)
+            valid = torch.ones((), dtype=torch.bool, device=view.device)
+        ctx.mark_non_differentiable(mean, var, valid)
         return y, mean, var, valid
 
     @staticmethod
@@ -524,6 +595,16 @@ class _MaskedBatchNormTraining(torch.autograd.Function):
             small_mean=ctx.small_mean,
         )
         return grads[0], None, grads[1], grads[2], None, None, None
+
+
+def _gradient_sums(grad_y: Tensor, view: Tensor, gamma, mean: Tensor, var: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+    """``(sum(dy * xhat), sum(dy))`` per channel, from PyTorch's native inference backward."""
+    if view.numel() == 0:  # the native kernel does not accept an empty input
+        return torch.zeros_like(mean), torch.zeros_like(mean)
+    _, dot, grad_beta = torch.ops.aten.native_batch_norm_backward(
+        grad_y, view, gamma, mean, var, None, None, False, epsilon, [False, True, True]
+    )
+    return dot, grad_beta
 
 
 def statistics_backward(
@@ -557,12 +638,13 @@ def statistics_backward(
     ``(view, inside, gamma, beta, ...)``.
     """
     grad_y = grad_y.reshape(view.shape)
-    if view.numel() == 0:  # the native kernel does not accept an empty input
-        dot, grad_beta = torch.zeros_like(mean), torch.zeros_like(mean)
-    else:
-        _, dot, grad_beta = torch.ops.aten.native_batch_norm_backward(
-            grad_y, view, gamma, mean, var, None, None, False, epsilon, [False, True, True]
-        )
+    dot, grad_beta = _gradient_sums(grad_y, view, gamma, mean, var, epsilon)
+    if inside is not None and not (_eager_cpu(view) and bool(dot.isfinite().all())):
+        # 0 * NaN is NaN: a masked-out position that the loss does not read (dy = 0) must reach
+        # no sum, whatever it holds, so it is read as the mean (xhat = 0). Checked on CPU, where
+        # reading the sums is free; always done elsewhere.
+        view = torch.where(inside | (grad_y != 0), view, _per_channel(mean, view))
+        dot, grad_beta = _gradient_sums(grad_y, view, gamma, mean, var, epsilon)
     grad_x = None
     if needs_input_grad[0]:
         sum_dy, sum_dy_xhat = grad_beta, dot
@@ -620,6 +702,8 @@ def masked_batch_norm_training(
     :func:`batch_norm_training`, False where ``count == 0``. Gradients flow through the statistics
     to ``view``, ``gamma`` and ``beta``; ``mean`` and ``var`` carry none.
     """
+    if _transforms_active():
+        return _differentiable_training(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon)
     if not _needs_grad(view, gamma, beta):
         return _masked_forward(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon)[:4]
     return _MaskedBatchNormTraining.apply(view, inside, gamma, beta, fallback_mean, fallback_var, epsilon)
@@ -637,7 +721,8 @@ def update_moving_statistics(
 
     ``moving = moving * momentum + batch * (1 - momentum)``, computed as
     ``moving + (1 - momentum) * (batch - moving)`` (one fused ``lerp``) in the wider of the
-    buffer's and the statistics' dtypes and stored in the buffer's. ``valid`` is ``True`` (every
+    buffer's and the statistics' dtypes and stored in the buffer's; a channel whose new value
+    overflows the buffer's dtype keeps its old one. ``valid`` is ``True`` (every
     channel) or a bool tensor (``(C,)`` or a scalar), so that the decision can stay on the device:
     no host synchronization. No gradient flows: the batch statistics are detached if need be
     (the training functions' carry none), and the buffers must not require one.
@@ -649,6 +734,9 @@ def update_moving_statistics(
         target = batch if valid is True else torch.where(valid, batch, moving)
         if target.dtype != moving.dtype:  # blend in the wider dtype, store in the buffer's
             wide = torch.promote_types(moving.dtype, target.dtype)
-            moving.copy_(moving.to(wide, copy=True).lerp_(target.to(wide), 1.0 - momentum))
+            blended = moving.to(wide, copy=True).lerp_(target.to(wide), 1.0 - momentum).to(moving.dtype)
+            # A value beyond the buffer's range (a float16 buffer and a variance above 65504)
+            # would be stored as inf: that channel keeps its value (SPEC section 5).
+            moving.copy_(torch.where(blended.isfinite(), blended, moving))
         else:
             moving.lerp_(target, 1.0 - momentum)

@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import itertools
 import numbers
-from typing import Any, Callable
+import sys
+from typing import Any
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
+from torch.nn.modules.lazy import LazyModuleMixin
+from torch.nn.parameter import UninitializedBuffer, UninitializedParameter, is_lazy
 
 from . import constraints, distributed, functional, initializers, regularizers
 
@@ -32,9 +36,62 @@ _TORCH_DTYPE_NAMES = {dtype: name for name, dtype in _POLICY_WEIGHT_DTYPES.items
 _RENORM_DEFAULTS = {"renorm": False, "renorm_clipping": None, "renorm_momentum": 0.99}
 
 
+class _UninitializedBuffer(UninitializedBuffer):
+    """torch's ``UninitializedBuffer`` that ``copy.deepcopy`` copies (torch's own raises, unlike
+    its ``UninitializedParameter``), so that an unbuilt layer deep-copies as an unbuilt layer."""
+
+    def __deepcopy__(self, memo: dict) -> "_UninitializedBuffer":
+        if id(self) not in memo:
+            memo[id(self)] = type(self)(self.requires_grad, self.data.device, self.data.dtype)
+        return memo[id(self)]
+
+
 def _check_type(name: str, value: Any, kind: type | tuple, description: str) -> None:
     if isinstance(value, bool) and kind is not bool or not isinstance(value, kind):
         raise TypeError(f"{name} must be {description}, received {name}={value!r}")
+
+
+def _check_device(device: Any) -> torch.device | None:
+    if device is None:
+        return None
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device must be None or a torch.device or device string, received device={device!r}") from error
+
+
+def _check_process_group(process_group: Any) -> None:
+    if process_group is not None and not (dist.is_available() and isinstance(process_group, dist.ProcessGroup)):
+        raise TypeError(
+            "process_group must be None or a torch.distributed.ProcessGroup (e.g. from "
+            f"torch.distributed.new_group), received process_group={process_group!r}"
+        )
+
+
+def _check_training(training: Any) -> None:
+    if training is None or isinstance(training, bool):
+        return
+    if isinstance(training, Tensor):
+        raise TypeError(
+            f"training must be None or a bool, received a tensor of shape {tuple(training.shape)}: "
+            "a mask goes by keyword, layer(inputs, mask=mask)"
+        )
+    raise TypeError(f"training must be None or a bool, received training={training!r}")
+
+
+def _loading_strictly() -> bool:
+    """The ``strict`` of the ``nn.Module.load_state_dict`` call under way (True if none is found).
+
+    PyTorch passes ``strict=True`` down to every ``_load_from_state_dict`` whatever the caller
+    asked, and applies the caller's flag only to the keys reported afterwards; the layer needs
+    the caller's own to load the present keys under ``strict=False``.
+    """
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is nn.Module.load_state_dict.__code__:
+            return bool(frame.f_locals.get("strict", True))
+        frame = frame.f_back
+    return True
 
 
 def _resolve_dtype(dtype: Any) -> tuple[str, torch.dtype]:
@@ -56,7 +113,7 @@ def _resolve_dtype(dtype: Any) -> tuple[str, torch.dtype]:
     )
 
 
-class BatchNormalization(nn.Module):
+class BatchNormalization(LazyModuleMixin, nn.Module):
     r"""Keras's ``BatchNormalization`` layer, natively in PyTorch.
 
     Normalizes its input per channel (the entries along ``axis``). With :math:`R` every axis but
@@ -160,6 +217,7 @@ class BatchNormalization(nn.Module):
         self.center = center
         self.scale = scale
         self.synchronized = synchronized
+        _check_process_group(process_group)
         self.process_group = process_group
         self.beta_initializer = initializers.get(beta_initializer, argument="beta_initializer")
         self.gamma_initializer = initializers.get(gamma_initializer, argument="gamma_initializer")
@@ -170,15 +228,18 @@ class BatchNormalization(nn.Module):
         self.beta_constraint = constraints.get(beta_constraint, argument="beta_constraint")
         self.gamma_constraint = constraints.get(gamma_constraint, argument="gamma_constraint")
         self.name = name if name is not None else self._unique_name()
-        self._dtype_policy, self.weight_dtype = _resolve_dtype(dtype)
-        self._device = torch.device(device) if device is not None else None
+        self._dtype_policy, weight_dtype = _resolve_dtype(dtype)
+        self._device = _check_device(device)
         self._trainable = trainable
         self._built_shape: tuple | None = None  # fixes the rank: set by build() or the first call
-        # Registered as empty slots now so that state_dict keys are exactly these names once built.
-        self.register_parameter("gamma", None)
-        self.register_parameter("beta", None)
-        self.register_buffer("moving_mean", None)
-        self.register_buffer("moving_variance", None)
+        # Uninitialized until the build, as in torch's lazy modules: an optimizer, a deepcopy or a
+        # state_dict taken now holds the very objects that are later materialized and trained, and
+        # .to()/.double()/.half() or a torch.device context before the build decide their placement.
+        factory = {"device": self._device, "dtype": weight_dtype}
+        self.register_parameter("gamma", UninitializedParameter(requires_grad=trainable, **factory) if scale else None)
+        self.register_parameter("beta", UninitializedParameter(requires_grad=trainable, **factory) if center else None)
+        self.register_buffer("moving_mean", _UninitializedBuffer(**factory))
+        self.register_buffer("moving_variance", _UninitializedBuffer(**factory))
 
     @staticmethod
     def _unique_name() -> str:
@@ -190,7 +251,22 @@ class BatchNormalization(nn.Module):
     @property
     def built(self) -> bool:
         """Whether the weights exist (after :meth:`build`, the first call or ``load_state_dict``)."""
-        return self.moving_variance is not None
+        return not is_lazy(self.moving_variance)
+
+    @property
+    def weight_dtype(self) -> torch.dtype:
+        """The dtype of the weights and moving statistics (``dtype=``, or as moved by ``.to()``)."""
+        return self.moving_variance.dtype
+
+    def _weights(self) -> dict[str, Tensor]:
+        """This layer's weights in Keras's creation order, each with its initializer."""
+        pairs = (
+            ("gamma", self.gamma_initializer),
+            ("beta", self.beta_initializer),
+            ("moving_mean", self.moving_mean_initializer),
+            ("moving_variance", self.moving_variance_initializer),
+        )
+        return {name: initializer for name, initializer in pairs if getattr(self, name) is not None}
 
     def _channel_axis(self, input_shape: tuple) -> int:
         """``axis`` as a non-negative index into ``input_shape``; ``ValueError`` if out of range."""
@@ -205,8 +281,9 @@ class BatchNormalization(nn.Module):
     def build(self, input_shape) -> None:
         """Create ``gamma``, ``beta``, ``moving_mean`` and ``moving_variance`` for ``input_shape``.
 
-        Fixes the rank and the channel size ``C = input_shape[axis]``; weights go to ``device``
-        (default CPU) in ``dtype``.
+        Fixes the rank and the channel size ``C = input_shape[axis]``. The weights are the
+        uninitialized ones materialized in place, where they are (``device=``, a ``torch.device``
+        context at construction, or a later ``.to()``; default CPU) and in their dtype.
         """
         input_shape = tuple(input_shape)
         channels = input_shape[self._channel_axis(input_shape)]
@@ -215,29 +292,60 @@ class BatchNormalization(nn.Module):
                 f"the channel dimension must be known to build, received input_shape={input_shape} "
                 f"with axis={self.axis}"
             )
-        self._create_weights(channels, self._device or torch.device("cpu"))
+        self._materialize(channels)
         self._built_shape = input_shape
 
-    def _create_weights(self, channels: int, device: torch.device) -> None:
-        def make(initializer: Callable) -> Tensor:
-            value = initializer((channels,), dtype=self.weight_dtype)
-            return torch.as_tensor(value, dtype=self.weight_dtype).to(device)
+    def initialize_parameters(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> None:
+        """The lazy build of the first call (run by torch's lazy-module hook before :meth:`forward`).
 
-        if self.scale:
-            self.gamma = nn.Parameter(make(self.gamma_initializer), requires_grad=self._trainable)
-        if self.center:
-            self.beta = nn.Parameter(make(self.beta_initializer), requires_grad=self._trainable)
-        self.moving_mean = make(self.moving_mean_initializer)
-        self.moving_variance = make(self.moving_variance_initializer)
+        Validates the call first, so that a call that raises builds nothing. A layer never placed
+        (no ``device=``, no ``.to(device)``, no device context) builds on its input's device.
+        """
+        axis, mask = self._check_call(inputs, training, mask)
+        if self._built_shape is None:
+            if not self.built:
+                placed = self._device is not None or self.moving_variance.device.type != "cpu"
+                self._materialize(inputs.shape[axis], None if placed else inputs.device)
+            self._built_shape = tuple(inputs.shape)
+
+    def _materialize(self, channels: int, device: torch.device | None = None) -> None:
+        if self.built:
+            return
+        for name in self._weights():
+            getattr(self, name).materialize((channels,), device=device)
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """Re-initialize ``gamma``, ``beta`` and the moving statistics with their initializers.
+
+        Nothing to do before the build. With meta-device initialization: ``build()`` under
+        ``torch.device("meta")``, then ``to_empty(device=...)`` and ``reset_parameters()``.
+        """
+        if not self.built:
+            return
+        for name, initializer in self._weights().items():
+            weight = getattr(self, name)
+            weight.copy_(torch.as_tensor(initializer(tuple(weight.shape), dtype=weight.dtype)))
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
-        # All or nothing: nn.Module would copy the well-shaped entries before reporting the others.
-        # An unbuilt layer is built from the checkpoint's channel count (its rank is then fixed by
-        # the first call).
-        names = [name for name, flag in _WEIGHT_NAMES if flag(self)]
+        # Checked before anything is written: nn.Module would copy the well-shaped entries before
+        # reporting the others. An unbuilt layer is built from the checkpoint's channel count (its
+        # rank is then fixed by the first call); an unbuilt layer's checkpoint loads into an
+        # unbuilt layer only. strict=True loads all or nothing; strict=False the keys present.
+        names = list(self._weights())
         saved = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
-        problems = [f"{prefix}{name} has shape {tuple(t.shape)}, expected a vector" for name, t in saved.items() if t.dim() != 1]
-        if not problems and saved:
+        unbuilt = [name for name, t in saved.items() if is_lazy(t)]
+        problems = [
+            f"{prefix}{name} has shape {tuple(t.shape)}, expected a vector"
+            for name, t in saved.items() if name not in unbuilt and t.dim() != 1
+        ]
+        if unbuilt and (self.built or len(unbuilt) < len(saved)):
+            problems.append(
+                f"{', '.join(prefix + name for name in unbuilt)}: uninitialized in the checkpoint (saved "
+                "before its layer was built), which loads only into an unbuilt layer with no other weights"
+            )
+        if not problems and saved and not unbuilt:
             reference = self.moving_variance if self.built else saved.get("moving_variance", next(iter(saved.values())))
             expected = reference.shape[0]
             problems = [
@@ -245,13 +353,16 @@ class BatchNormalization(nn.Module):
                 f"checkpoint, the shape in the layer is ({expected},)"
                 for name, t in saved.items() if t.shape[0] != expected
             ]
-        missing = [prefix + name for name in names if name not in saved] if strict else []
-        if problems or missing:
+        missing = [prefix + name for name in names if name not in saved]
+        if problems or (missing and _loading_strictly()):
             error_msgs.extend(problems)
             missing_keys.extend(missing)
             return
-        if saved and not self.built:
-            self._create_weights(expected, self._device or torch.device("cpu"))
+        if unbuilt:  # nothing to copy: both are unbuilt
+            missing_keys.extend(missing)
+            return
+        if saved:
+            self._materialize(expected)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------------------- trainable
@@ -270,24 +381,27 @@ class BatchNormalization(nn.Module):
         self._trainable = value
         for parameter in (self.gamma, self.beta):
             if parameter is not None:
-                parameter.requires_grad_(value)
+                parameter.requires_grad = value  # an attribute: an uninitialized one takes it too
 
     # ------------------------------------------------------------------------------------ call
 
-    def _check_call(self, inputs: Tensor, mask: Tensor | None) -> int:
-        """Validate a call before anything is built or written; return the channel axis."""
+    def _check_call(self, inputs: Tensor, training: Any, mask: Any) -> tuple[int, Tensor | None]:
+        """Validate a call before anything is built or written; return the channel axis and mask."""
+        _check_training(training)
         if inputs.is_complex():
             raise TypeError(f"inputs must be real, received dtype={inputs.dtype}")
         shape = inputs.shape
         if self._built_shape is not None and len(shape) != len(self._built_shape):
             self._raise_shape_mismatch(inputs)
         axis = self._channel_axis(shape)
-        moving_variance = self.moving_variance
-        if moving_variance is not None and shape[axis] != moving_variance.shape[0]:
+        # A rank fixed means built (and asks nothing that torch.compile cannot trace).
+        if (self._built_shape is not None or self.built) and shape[axis] != self.moving_variance.shape[0]:
             self._raise_shape_mismatch(inputs)
         if mask is not None:
+            if not isinstance(mask, Tensor):
+                mask = torch.as_tensor(mask, device=inputs.device)
             functional.check_mask(mask, shape, axis)
-        return axis
+        return axis, mask
 
     def _raise_shape_mismatch(self, inputs: Tensor) -> None:
         channels = self.moving_variance.shape[0]
@@ -300,15 +414,13 @@ class BatchNormalization(nn.Module):
 
     def forward(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
         """Normalize ``inputs``; see the class docstring for the formulas and the mode rule."""
-        if mask is not None and not isinstance(mask, Tensor):
-            mask = torch.as_tensor(mask, device=inputs.device)
-        axis = self._check_call(inputs, mask)
-        if self._built_shape is None:  # the first call fixes the rank, and builds unless loaded
-            if not self.built:
-                self._create_weights(inputs.shape[axis], self._device or inputs.device)
-            self._built_shape = tuple(inputs.shape)
+        axis, mask = self._check_call(inputs, training, mask)
+        if self._built_shape is None:  # called without the lazy hook (e.g. forward() itself)
+            self.initialize_parameters(inputs, training, mask)
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
+        if x.shape[axis] == 0:  # no channel: nothing to normalize or update (as Keras)
+            return x.clone()
         dtype = functional.compute_dtype(x.dtype)
         gamma, beta = self.gamma, self.beta
         buffers = moving_mean, moving_variance = self.moving_mean, self.moving_variance
@@ -321,15 +433,24 @@ class BatchNormalization(nn.Module):
             gamma, beta, moving_mean, moving_variance = (
                 None if t is None else t.to(dtype) for t in (gamma, beta, moving_mean, moving_variance)
             )
-        view = functional.channel_view(x, axis)
+        order = functional.memory_order(x)  # channels_last & co. are read where they lie
+        view = functional.channel_view(x, axis, order)
         if training is None:
             training = self.training
         if not (training and self._trainable):
-            return functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon).reshape(x.shape)
+            y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
+            return functional.from_channel_view(y, x.shape, order)
+        if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
+            # The TorchScript-based exporter turns the statistics kernel into ONNX's
+            # BatchNormalization with the wrong running statistics: refuse rather than mislead.
+            raise RuntimeError(
+                "BatchNormalization in training mode cannot be exported by the TorchScript-based ONNX "
+                "exporter (dynamo=False): export the model in inference mode (model.eval()) or with dynamo=True"
+            )
 
         inside = None
         if mask is not None:
-            inside = functional.mask_view(mask if mask.device == x.device else mask.to(x.device), x.shape, axis)
+            inside = functional.mask_view(mask if mask.device == x.device else mask.to(x.device), x.shape, axis, order)
         if self.synchronized and distributed.is_synchronizing(self.process_group):
             # Every rank joins the collectives, an empty one too.
             y, mean, var, valid = distributed.synchronized_batch_norm_training(
@@ -339,7 +460,7 @@ class BatchNormalization(nn.Module):
         elif view.numel() == 0:
             # An empty batch has no statistics: it is normalized like inference and updates nothing.
             y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
-            return y.reshape(x.shape)
+            return functional.from_channel_view(y, x.shape, order)
         elif inside is None:
             y, mean, var, valid = functional.batch_norm_training(view, gamma, beta, self.epsilon)
         else:
@@ -347,7 +468,7 @@ class BatchNormalization(nn.Module):
                 view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon
             )
         functional.update_moving_statistics(*buffers, mean, var, self.momentum, valid)
-        return y.reshape(x.shape)
+        return functional.from_channel_view(y, x.shape, order)
 
     # -------------------------------------------------------------- regularizers, constraints
 
@@ -378,7 +499,7 @@ class BatchNormalization(nn.Module):
             "dtype": {
                 "module": "keras",
                 "class_name": "DTypePolicy",
-                "config": {"name": self._dtype_policy},
+                "config": {"name": self._policy_name()},
                 "registered_name": None,
             },
             "axis": self.axis,
@@ -397,6 +518,12 @@ class BatchNormalization(nn.Module):
             "synchronized": self.synchronized,
             **_RENORM_DEFAULTS,
         }
+
+    def _policy_name(self) -> str:
+        """The dtype policy given, unless ``.to()``/``.double()``/... moved the weights to another dtype."""
+        if _POLICY_WEIGHT_DTYPES[self._dtype_policy] == self.weight_dtype:
+            return self._dtype_policy
+        return _TORCH_DTYPE_NAMES[self.weight_dtype]
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> "BatchNormalization":
@@ -421,14 +548,6 @@ class BatchNormalization(nn.Module):
             raise ValueError(f"unknown BatchNormalization config keys: {unknown}")
         return cls(**config)
 
-
-# The weights in Keras's creation order, each with whether this layer has it.
-_WEIGHT_NAMES = (
-    ("gamma", lambda layer: layer.scale),
-    ("beta", lambda layer: layer.center),
-    ("moving_mean", lambda layer: True),
-    ("moving_variance", lambda layer: True),
-)
 
 _CONFIG_KEYS = {
     "name", "trainable", "dtype", "axis", "momentum", "epsilon", "center", "scale",
