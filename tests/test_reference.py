@@ -403,13 +403,19 @@ def test_large_mean_takes_the_shifted_kernel_not_welford(shape, axis, monkeypatc
 
 # PyTorch's CPU statistics kernels add each channel of an (M, C) view up row after row in float32:
 # taken whole, 2**20 rows gave the variance 1.7e-4 off and, 256 standard deviations from 0, the
-# mean 2.5e-3 sd off. Inputs with only size-1 dimensions after the axis are such views too.
+# mean 2.5e-3 sd off. Inputs with only size-1 dimensions after the axis are such views too, and so
+# are channels_last inputs with axis=1; a row count that the row groups do not divide leaves rows over.
 @pytest.mark.parametrize("offset", [2.0, 100.0])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("shape,axis", [((2**20, 2), -1), ((2**18, 4, 1, 1), 1)])
-def test_many_rows_keep_float32_accuracy(shape, axis, grad, masked, offset):
-    x = random_input(shape, seed=40, scale=1.0, offset=offset)
+@pytest.mark.parametrize("shape,axis,memory_format", [
+    ((2**20, 2), -1, torch.contiguous_format),
+    ((2**18, 4, 1, 1), 1, torch.contiguous_format),
+    ((2**20 + 3, 2), -1, torch.contiguous_format),
+    ((2**14, 2, 8, 8), 1, torch.channels_last),
+])
+def test_many_rows_keep_float32_accuracy(shape, axis, memory_format, grad, masked, offset):
+    x = random_input(shape, seed=40, scale=1.0, offset=offset).to(memory_format=memory_format)
     mask = random_mask(mask_shape(shape, axis), seed=40) if masked else None
     bn = BatchNormalization(axis=axis, momentum=0.0)
     with torch.set_grad_enabled(grad):
@@ -423,6 +429,19 @@ def test_many_rows_keep_float32_accuracy(shape, axis, grad, masked, offset):
     assert var_error <= 1e-5, f"variance relative error {var_error:.3g}"
     y_ref = normalize(x.detach(), axis, mean, var, bn.gamma, bn.beta, bn.epsilon)
     assert_near(y, y_ref, 2e-5, "output")
+
+
+@pytest.mark.parametrize("rows", [4097, 3 * 4096 + 2, 5 * 4096])
+def test_row_groups_count_every_row_once(rows):
+    # Views of more than 4096 rows take their statistics in row groups plus the rows left over:
+    # distinct values in the first and last rows show a row dropped or counted twice.
+    x = random_input((rows, 3), seed=42, scale=1.0, offset=0.0)
+    x[0], x[-2:] = 50.0, -30.0
+    bn = BatchNormalization(momentum=0.0)
+    bn(x, training=True)
+    mean, var, _ = batch_moments(x, -1)
+    assert ((bn.moving_mean.double() - mean).abs() / var.sqrt()).max().item() <= 1e-6
+    assert_near(bn.moving_variance, var, 1e-6, "variance")
 
 
 @pytest.mark.parametrize("grad", [False, True])

@@ -203,7 +203,8 @@ def _combine(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     channels = (gathered.shape[1] - 1) // 3
     counts, means, roundings, variances = gathered.double().split([1, channels, channels, channels], dim=1)
-    mean, var = functional.combine_statistics(counts, means + roundings, variances)
+    shares = counts[:, 0] / counts.sum().clamp(min=1)
+    mean, var = functional.combine_statistics(shares, means + roundings, variances)
     return counts.sum().to(gathered.dtype), mean.to(gathered.dtype), var.to(gathered.dtype)
 
 
