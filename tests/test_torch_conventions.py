@@ -398,9 +398,29 @@ def test_vmap_ensembling_in_training_mode_matches_each_model(norm, masked):
             torch.testing.assert_close(params[name].grad[index], parameter.grad, rtol=1e-4, atol=1e-5, msg=name)
 
 
+def test_func_grad_in_training_mode_matches_autograd():
+    # As with torch's BatchNorm, the buffers that a training call updates are the transformed
+    # function's inputs (a captured buffer cannot be written under torch.func.grad).
+    model = mlp(ours)
+    model(torch.randn(2, 3))
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    buffers = {k: v.clone() for k, v in model.named_buffers()}
+    x = torch.randn(8, 3) * 2 + 1
+
+    def loss(p, b, x):
+        return functional_call(model, (p, b), (x,)).square().mul(torch.arange(4.0)).sum()
+
+    grads = torch.func.grad(loss)(params, buffers, x)
+    eager = copy.deepcopy(model)
+    loss(dict(eager.named_parameters()), dict(eager.named_buffers()), x).backward()
+    for name, parameter in eager.named_parameters():
+        torch.testing.assert_close(grads[name], parameter.grad, rtol=1e-4, atol=1e-5, msg=name)
+    torch.testing.assert_close(buffers["1.moving_mean"], eager[1].moving_mean)
+
+
 def test_legacy_onnx_export_in_training_mode_is_refused_clearly():
     model = mlp(ours)
     model(torch.randn(5, 3))
-    with pytest.raises(RuntimeError, match=r"inference mode.*dynamo=True"):
+    with pytest.raises(RuntimeError, match=r"TorchScript-based ONNX exporter.*inference mode"):
         torch.onnx.export(model, (torch.randn(5, 3),), io.BytesIO(), dynamo=False,
                           training=torch.onnx.TrainingMode.TRAINING)

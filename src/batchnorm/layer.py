@@ -445,7 +445,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             # BatchNormalization with the wrong running statistics: refuse rather than mislead.
             raise RuntimeError(
                 "BatchNormalization in training mode cannot be exported by the TorchScript-based ONNX "
-                "exporter (dynamo=False): export the model in inference mode (model.eval()) or with dynamo=True"
+                "exporter (dynamo=False): export the model in inference mode (model.eval())"
             )
 
         inside = None
