@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import sys
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
@@ -162,7 +162,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         dtype: dtype of the weights and moving statistics: a floating ``torch.dtype``, a Keras
             dtype-policy name or dict (``mixed_*`` policies mean float32). Default float32.
         device: where weights are created by :meth:`build` or by the lazy build of the first
-            call (which otherwise uses the input's device).
+            call (which otherwise uses the input's device). Until then they are PyTorch's
+            uninitialized parameters and buffers, as in ``torch.nn.LazyBatchNorm*d``: optimizers,
+            ``state_dict``, ``deepcopy`` and ``.to()``/``.double()`` work on an unbuilt layer.
         process_group: the ``torch.distributed`` group that synchronizes (default: all ranks).
 
     Example::
@@ -258,8 +260,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         """The dtype of the weights and moving statistics (``dtype=``, or as moved by ``.to()``)."""
         return self.moving_variance.dtype
 
-    def _weights(self) -> dict[str, Tensor]:
-        """This layer's weights in Keras's creation order, each with its initializer."""
+    def _weights(self) -> dict[str, Callable]:
+        """The names of this layer's weights in Keras's creation order, each with its initializer."""
         pairs = (
             ("gamma", self.gamma_initializer),
             ("beta", self.beta_initializer),
