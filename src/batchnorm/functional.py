@@ -17,6 +17,7 @@ inputs in float64.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Callable
 
@@ -46,6 +47,10 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(dtype, torch.float32)
 
 
+# PyTorch's named memory formats by rank, each with its order of dimensions in memory.
+_NAMED_ORDERS = {4: (torch.channels_last, (0, 2, 3, 1)), 5: (torch.channels_last_3d, (0, 2, 3, 4, 1))}
+
+
 def memory_order(x: Tensor) -> tuple[int, ...] | None:
     """The order of ``x``'s dimensions as laid out in memory, outermost first, where it is not the
     order of its shape; ``None`` for a contiguous ``x`` and where no such order is dense.
@@ -55,8 +60,16 @@ def memory_order(x: Tensor) -> tuple[int, ...] | None:
     """
     if x.is_contiguous():
         return None
+    named = _NAMED_ORDERS.get(x.dim())
+    if named is not None and x.is_contiguous(memory_format=named[0]):
+        return named[1]  # known without sorting: this runs on every call
     order = tuple(sorted(range(x.dim()), key=lambda d: -x.stride(d)))  # stable: ties keep their order
     return order if x.permute(order).is_contiguous() else None
+
+
+@functools.lru_cache
+def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
+    return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
 def channel_view(x: Tensor, axis: int, order: tuple[int, ...] | None = None) -> Tensor:
@@ -84,8 +97,7 @@ def from_channel_view(y: Tensor, shape: torch.Size, order: tuple[int, ...] | Non
     and, for a contiguous ``y``, in ``x``'s memory layout (a view)."""
     if order is None:
         return y.reshape(shape)
-    inverse = sorted(range(len(order)), key=order.__getitem__)
-    return y.reshape([shape[d] for d in order]).permute(inverse)
+    return y.reshape([shape[d] for d in order]).permute(_inverse(order))
 
 
 def _per_channel(v: Tensor, view: Tensor) -> Tensor:
@@ -136,7 +148,8 @@ def normalize(
 ) -> Tensor:
     """Inference normalization ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta``.
 
-    ``mean``/``var`` are constants (no gradient flows into them); gradients flow to ``view``,
+    ``view`` is a channel view or any ``(N, C, ...)`` tensor (channels on dimension 1, in any
+    memory format, which the output keeps). ``mean``/``var`` are constants (no gradient flows into them); gradients flow to ``view``,
     ``gamma`` and ``beta``. All ``(C,)`` tensors must be in ``compute_dtype(view.dtype)``.
     ``out`` (shaped and typed like ``view``, outside autograd) receives ``y`` instead of a new
     tensor; it may hold anything before, as it is only written.

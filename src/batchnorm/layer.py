@@ -435,12 +435,13 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             gamma, beta, moving_mean, moving_variance = (
                 None if t is None else t.to(dtype) for t in (gamma, beta, moving_mean, moving_variance)
             )
-        order = functional.memory_order(x)  # channels_last & co. are read where they lie
-        view = functional.channel_view(x, axis, order)
         if training is None:
             training = self.training
         if not (training and self._trainable):
-            y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
+            if axis == 1:  # PyTorch's own (N, C, ...) layout: its kernel reads x as it lies
+                return functional.normalize(x, moving_mean, moving_variance, gamma, beta, self.epsilon)
+            order = functional.memory_order(x)
+            y = functional.normalize(functional.channel_view(x, axis, order), moving_mean, moving_variance, gamma, beta, self.epsilon)
             return functional.from_channel_view(y, x.shape, order)
         if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
             # The TorchScript-based exporter turns the statistics kernel into ONNX's
@@ -450,6 +451,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 "exporter (dynamo=False): export the model in inference mode (model.eval())"
             )
 
+        order = functional.memory_order(x)  # channels_last & co. are read where they lie
+        view = functional.channel_view(x, axis, order)
         inside = None
         if mask is not None:
             inside = functional.mask_view(mask if mask.device == x.device else mask.to(x.device), x.shape, axis, order)
