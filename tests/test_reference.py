@@ -794,3 +794,37 @@ def test_folded_normalization_without_gamma_or_beta(center, scale, training):
         y = bn(x, training=False)
     expected = normalize(x, axis, bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta, bn.epsilon)
     assert_near(y, expected, UNIT[torch.float32], "output")
+
+
+# On CPU the (M, C) views of channels-last data reach PyTorch's kernels as (1, C, 1, M)
+# channels-last tensors, where their backward goes wrong if the output gradient comes in another
+# layout: every upstream gradient layout must give the reference's gradients.
+UPSTREAM_LAYOUTS = {
+    "contiguous": lambda g: g.contiguous(),
+    "transposed": lambda g: g.transpose(0, 1).contiguous().transpose(0, 1),
+    "expanded": lambda g: g[..., :1].expand_as(g),
+    "channels sliced": lambda g: torch.cat([g, g], dim=-1)[..., : g.shape[-1]],
+}
+
+
+@pytest.mark.parametrize("layout", list(UPSTREAM_LAYOUTS))
+@pytest.mark.parametrize("mode", ["training", "masked", "inference"])
+@pytest.mark.parametrize("shape", [(6, 8, 40), (5000, 3)], ids=["rows", "row groups"])
+def test_gradients_for_every_upstream_layout(layout, mode, shape):
+    x = random_input(shape, seed=43)
+    mask = random_mask(mask_shape(shape, -1), seed=43) if mode == "masked" else None
+    bn = make_layer(shape, -1, seed=43)
+    upstream = UPSTREAM_LAYOUTS[layout](torch.randn(shape, generator=torch.Generator().manual_seed(7)))
+    x_in = x.clone().requires_grad_()
+    y = bn(x_in, training=mode != "inference", mask=mask)
+    y.backward(upstream)
+    if mode == "inference":
+        x64 = x.double().requires_grad_()
+        gamma, beta = (w.detach().double().requires_grad_() for w in (bn.gamma, bn.beta))
+        (normalize(x64, -1, bn.moving_mean, bn.moving_variance, gamma, beta, bn.epsilon) * upstream.double()).sum().backward()
+        expected = (x64.grad, gamma.grad, beta.grad)
+    else:
+        fresh = make_layer(shape, -1, seed=43)
+        expected = reference_training(fresh, x, mask, upstream)[3]
+    for name, got, want in zip(("grad x", "grad gamma", "grad beta"), (x_in.grad, bn.gamma.grad, bn.beta.grad), expected):
+        assert_near(got, want, 1e-4, name)

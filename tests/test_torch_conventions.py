@@ -424,3 +424,22 @@ def test_legacy_onnx_export_in_training_mode_is_refused_clearly():
     with pytest.raises(RuntimeError, match=r"TorchScript-based ONNX exporter.*inference mode"):
         torch.onnx.export(model, (torch.randn(5, 3),), io.BytesIO(), dynamo=False,
                           training=torch.onnx.TrainingMode.TRAINING)
+
+
+@pytest.mark.parametrize("how", ["build", "load_state_dict"])
+def test_a_built_layers_first_call_from_several_threads(how):
+    from concurrent.futures import ThreadPoolExecutor
+
+    layer = BatchNormalization().eval()
+    if how == "build":
+        layer.build((1, 6))
+    else:
+        layer.load_state_dict({"gamma": torch.ones(6), "beta": torch.zeros(6),
+                               "moving_mean": torch.zeros(6), "moving_variance": torch.ones(6)})
+    # Nothing left for a first call to do (torch's lazy hook would remove itself there: a race).
+    assert not layer._forward_pre_hooks and not hasattr(layer, "_initialize_hook")
+    inputs = [torch.randn(64, 6) for _ in range(16)]
+    with ThreadPoolExecutor(8) as pool:
+        outputs = list(pool.map(layer, inputs))
+    for x, y in zip(inputs, outputs):
+        torch.testing.assert_close(y, layer(x))

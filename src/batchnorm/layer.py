@@ -296,6 +296,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             )
         self._materialize(channels)
         self._built_shape = input_shape
+        self._retire_lazy_hooks()
 
     def initialize_parameters(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> None:
         """The lazy build of the first call (run by torch's lazy-module hook before :meth:`forward`).
@@ -309,6 +310,17 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 placed = self._device is not None or self.moving_variance.device.type != "cpu"
                 self._materialize(inputs.shape[axis], None if placed else inputs.device)
             self._built_shape = tuple(inputs.shape)
+
+    def _retire_lazy_hooks(self) -> None:
+        """Remove torch's lazy-module hooks once built by :meth:`build` or ``load_state_dict``.
+
+        Their first-call build has nothing left to do (the call fixes the rank in :meth:`forward`),
+        and their removal at a first call made from several threads at once would race.
+        """
+        if hasattr(self, "_initialize_hook"):
+            self._initialize_hook.remove()
+            self._load_hook.remove()
+            del self._initialize_hook, self._load_hook
 
     def _materialize(self, channels: int, device: torch.device | None = None) -> None:
         if self.built:
@@ -365,6 +377,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             return
         if saved:
             self._materialize(expected)
+            self._retire_lazy_hooks()
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     # ------------------------------------------------------------------------------- trainable
@@ -417,7 +430,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     def forward(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
         """Normalize ``inputs``; see the class docstring for the formulas and the mode rule."""
         axis, mask = self._check_call(inputs, training, mask)
-        if self._built_shape is None:  # called without the lazy hook (e.g. forward() itself)
+        if self._built_shape is None:  # built by load_state_dict, or called without the lazy hook
             self.initialize_parameters(inputs, training, mask)
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
