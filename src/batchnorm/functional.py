@@ -120,7 +120,7 @@ def _kernel_layout(*tensors: Tensor) -> tuple[Tensor, ...]:
     an output gradient in another layout than the input, their backward on this shape returns
     wrong values: never mix.) :func:`_from_kernel_layout` turns a kernel's output back.
     """
-    if _eager_cpu(tensors[0]) and all(t.dim() == 2 and t.is_contiguous() for t in tensors):
+    if all(t.dim() == 2 and t.is_contiguous() for t in tensors) and _eager_cpu(tensors[0]):
         return tuple(t.T[None, :, None, :] for t in tensors)
     return tensors
 
@@ -218,8 +218,8 @@ _LARGE_ROWS_MIN_ELEMENTS = 2**16
 def _large_rows(view: Tensor) -> bool:
     """Whether ``view`` is a large float32/float64 ``(M, C)`` view on PyTorch's eager CPU kernels."""
     return (
-        _eager_cpu(view) and view.dim() == 2 and view.dtype == compute_dtype(view.dtype)
-        and view.numel() >= _LARGE_ROWS_MIN_ELEMENTS
+        view.dim() == 2 and view.numel() >= _LARGE_ROWS_MIN_ELEMENTS and _eager_cpu(view)
+        and view.dtype == compute_dtype(view.dtype)
     )
 
 
