@@ -443,3 +443,14 @@ def test_a_built_layers_first_call_from_several_threads(how):
         outputs = list(pool.map(layer, inputs))
     for x, y in zip(inputs, outputs):
         torch.testing.assert_close(y, layer(x))
+
+
+def test_inference_gradient_of_a_channels_last_like_input():
+    # PyTorch's CPU batch-norm backward permutes dx when the gradient's layout differs from an
+    # input whose strides look channels-last (torch 2.13): this one is (1, 2, 2, 1), strides (1, 1, 2, 1).
+    torch.manual_seed(0)
+    x = torch.randn(2, 2, 1, 1).permute(2, 1, 0, 3).detach().requires_grad_()
+    upstream = torch.randn(1, 2, 2, 1)
+    layer = BatchNormalization(axis=1).eval()
+    layer(x).backward(upstream)
+    torch.testing.assert_close(x.grad, upstream / (1 + 1e-3) ** 0.5)

@@ -33,6 +33,7 @@ __all__ = [
     "check_mask",
     "mask_view",
     "normalize",
+    "normalize_input",
     "valid_statistics",
     "batch_statistics",
     "combine_statistics",
@@ -203,6 +204,20 @@ def normalize(
         out=y, save_mean=mean.new_empty(0), save_invstd=mean.new_empty(0),
     )
     return out
+
+
+def normalize_input(
+    x: Tensor, axis: int, mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, epsilon: float
+) -> Tensor:
+    """:func:`normalize` of ``x`` along ``axis`` (non-negative), in ``x``'s shape and memory format."""
+    if axis == 1 and not _needs_grad(x, gamma, beta):
+        # PyTorch's own (N, C, ...) layout: its kernel reads x as it lies, in any memory format,
+        # as F.batch_norm does. Not where autograd records: given a gradient in another layout
+        # than a channels-last-like input, PyTorch's CPU backward permutes dx (torch 2.13).
+        return normalize(x, mean, var, gamma, beta, epsilon)
+    order = memory_order(x)
+    y = normalize(channel_view(x, axis, order), mean, var, gamma, beta, epsilon)
+    return from_channel_view(y, x.shape, order)
 
 
 # Large float (M, C) views (channels last) on eager CPU: normalized by addcmul where autograd

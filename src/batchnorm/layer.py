@@ -451,11 +451,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         if training is None:
             training = self.training
         if not (training and self._trainable):
-            if axis == 1:  # PyTorch's own (N, C, ...) layout: its kernel reads x as it lies
-                return functional.normalize(x, moving_mean, moving_variance, gamma, beta, self.epsilon)
-            order = functional.memory_order(x)
-            y = functional.normalize(functional.channel_view(x, axis, order), moving_mean, moving_variance, gamma, beta, self.epsilon)
-            return functional.from_channel_view(y, x.shape, order)
+            return functional.normalize_input(x, axis, moving_mean, moving_variance, gamma, beta, self.epsilon)
         if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
             # The TorchScript-based exporter turns the statistics kernel into ONNX's
             # BatchNormalization with the wrong running statistics: refuse rather than mislead.
