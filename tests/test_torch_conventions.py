@@ -454,3 +454,17 @@ def test_inference_gradient_of_a_channels_last_like_input():
     layer = BatchNormalization(axis=1).eval()
     layer(x).backward(upstream)
     torch.testing.assert_close(x.grad, upstream / (1 + 1e-3) ** 0.5)
+
+
+@pytest.mark.parametrize("norm", [ours, torchs], ids=["ours", "torch"])
+def test_compile_fullgraph_builds_an_unbuilt_layer(norm):
+    torch._dynamo.reset()
+    model, twin = mlp(norm), mlp(norm)  # the same seed: the same Linear weights
+    compiled = torch.compile(model, fullgraph=True)
+    x = torch.randn(6, 3) * 2 + 1
+    torch.testing.assert_close(compiled(x), twin(x))
+    assert not any(is_lazy(t) for t in model.state_dict().values())
+    for key, value in twin.state_dict().items():
+        torch.testing.assert_close(model.state_dict()[key], value, msg=key)
+    model.eval(), twin.eval()
+    torch.testing.assert_close(compiled(x), twin(x))

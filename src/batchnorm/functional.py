@@ -506,7 +506,8 @@ class _NormalizeByBatchStatistics(torch.autograd.Function):
     """``normalize`` with statistics computed elsewhere, differentiated as if the kernel had taken them.
 
     Forward: :func:`normalize`. Backward: PyTorch's native training backward given these
-    statistics, i.e. the gradient through them too.
+    statistics, i.e. the gradient through them too, in :func:`_kernel_layout` (the output
+    gradient made contiguous, like the view, so that both reach the kernel in one layout).
     """
 
     @staticmethod
