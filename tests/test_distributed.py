@@ -1,6 +1,6 @@
 """Synchronized statistics (SPEC section 8) across real processes.
 
-The multi-process tests start their ranks with ``batchnorm.distributed.run_local_group``: fresh
+The multi-process tests start their ranks with ``batchnorm.testing.run_local_group``: fresh
 processes joined by a gloo group on 127.0.0.1 at a free port. Each rank builds the same seeded
 global batch, computes the single-process reference on all of it with an unsynchronized layer,
 runs a synchronized layer on its own shard and checks its part of the results; a mismatch raises
@@ -28,7 +28,7 @@ from torch import nn
 
 from batchnorm import BatchNormalization, distributed
 from batchnorm.__main__ import main
-from batchnorm.distributed import _free_port, run_local_group
+from batchnorm.testing import free_port, run_local_group
 
 TIMEOUT_S = 60        # the groups' collective timeout, generous: the machine may be loaded
 SHORT_TIMEOUT_S = 5   # for the tests of a peer that leaves
@@ -217,9 +217,8 @@ def _check_disagreements_raise() -> None:
     # checked anyway.
     channels = 4 if rank == 0 else CHANNELS
     view = torch.randn(5, channels)
-    statistics = torch.zeros(channels), torch.ones(channels)
     with pytest.raises(ValueError, match=rf"channel count from 4 to {CHANNELS}"):
-        distributed.synchronized_batch_norm_training(view, None, None, None, *statistics, 1e-3, key=nn.Module())
+        distributed.batch_statistics(view, None, key=nn.Module())
 
 
 def _check_ddp_training() -> None:
@@ -309,7 +308,7 @@ def test_not_initialized_means_local_statistics(monkeypatch):
     def no_collective(*args, **kwargs):
         raise AssertionError("a collective was called")
 
-    monkeypatch.setattr(distributed, "synchronized_batch_norm_training", no_collective)
+    monkeypatch.setattr(distributed, "batch_statistics", no_collective)
     x = torch.randn(6, 4) * 3 + 2
     local, synced = BatchNormalization(), BatchNormalization(synchronized=True)
     assert torch.equal(local(x, training=True), synced(x, training=True))
@@ -348,7 +347,7 @@ def test_bench_sync_times_both_training_modes_on_every_rank(tmp_path, capsys):
 
 def test_the_ddp_example_runs_under_torchrun():
     pytest.importorskip("sklearn")   # the demo extra, which `make test` installs
-    command = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(_free_port()),
+    command = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()),
                "--nproc-per-node", "2", "examples/ddp_cpu.py", "--epochs", "1"]
     result = subprocess.run(command, cwd=Path(__file__).parent.parent, capture_output=True, text=True,
                             timeout=DEADLINE_S)

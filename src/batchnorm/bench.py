@@ -863,7 +863,7 @@ def sync_benchmark(*, quick: bool = False, repeats: int | None = None, warmup: i
     ``collectives_share`` of the synchronized time. Returns every process's rows, rank by rank.
     ``threads`` per process defaults to the CPUs shared out.
     """
-    from batchnorm.distributed import run_local_group
+    from batchnorm.testing import run_local_group
 
     repeats = (QUICK_REPEATS if quick else FULL_REPEATS) if repeats is None else int(repeats)
     warmup = (QUICK_WARMUP if quick else FULL_WARMUP) if warmup is None else int(warmup)

@@ -30,23 +30,16 @@ with the process group's own error: a closed connection, or its timeout.
 
 from __future__ import annotations
 
-import datetime
-import gc
-import os
-import socket
-import time
 import weakref
 from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from . import functional
 
-__all__ = ["is_synchronizing", "synchronized_batch_norm_training", "run_local_group"]
+__all__ = ["is_synchronizing", "batch_statistics", "summing"]
 
 # First value of the layout header: tells this module's check from another collective of its size.
 _HEADER_TAG = 0x42_4E_53_59_4E_43  # "BNSYNC"
@@ -73,28 +66,18 @@ def is_synchronizing(process_group: Any = None) -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size(process_group) > 1
 
 
-def synchronized_batch_norm_training(
-    view: Tensor,
-    inside: Tensor | None,
-    gamma: Tensor | None,
-    beta: Tensor | None,
-    fallback_mean: Tensor,
-    fallback_var: Tensor,
-    epsilon: float,
-    process_group: Any = None,
-    key: Any = None,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Normalize this rank's shard with the global batch's statistics; return ``(y, mean, var, valid)``.
+def batch_statistics(
+    view: Tensor, mask: Tensor | None = None, process_group: Any = None, key: Any = None
+) -> functional.Statistics:
+    """The statistics of the global batch: every rank's shard of it, combined (module docstring).
 
     ``view`` is the channel view of this rank's input (``(M, C)`` or ``(A, C, B)``, possibly
-    empty) and ``inside`` ``None`` or its boolean mask view (``C`` replaced by 1). The statistics
-    are those of the masked-in elements of every rank's shard (module docstring). ``valid`` (a
-    bool tensor) tells the channels whose statistics may update the moving ones: finite ones of a
-    global batch with at least one element. With no element at all nothing has statistics: ``y``
-    is normalized with ``fallback_mean``/``fallback_var`` and ``mean``/``var`` are unusable zeros. ``y = gamma * (x - mean) / sqrt(var + epsilon) + beta`` has ``view``'s
-    shape and dtype; input gradients are those of the global batch, ``gamma``/``beta`` gradients
-    this rank's share of them (their sum over ranks, as DDP forms it, is the global batch's).
-    Collective: must be called by every rank of the group.
+    empty) and ``mask`` ``None`` or its boolean mask view, as for
+    :func:`functional.batch_statistics`, whose result this is for the union of the shards. The
+    count is a 0-dim tensor (the same on every rank), ``valid`` a bool tensor. Collective: every
+    rank of the group calls it, one with an empty shard too. Normalize with
+    :func:`functional.normalize_by_batch` and ``all_reduce=summing(process_group)``, so that the
+    input gradient is the global batch's.
 
     ``key`` (weakly referenced; the layer) scopes the layout check: it runs on the first call of
     each key on a group. Without a key it runs once per layout and group, which misses a layer
@@ -103,9 +86,17 @@ def synchronized_batch_norm_training(
     group = dist.group.WORLD if process_group is None else process_group
     layout = (view.shape[1], functional.compute_dtype(view.dtype), view.device)
     _check_layout(group, _ANY_CALLER if key is None else key, *layout)
-    return _SynchronizedBatchNormTraining.apply(
-        view, inside, gamma, beta, fallback_mean, fallback_var, epsilon, group
-    )
+    count, mean, var = _combine(_all_gather(_local_statistics(view, mask), group))
+    return functional.Statistics(mean, var, count, functional.valid_statistics(mean, var, count))
+
+
+def summing(process_group: Any = None) -> Callable[[Tensor], None]:
+    """An in-place sum over ``process_group`` (default: every rank), for ``normalize_by_batch``'s backward.
+
+    Every rank whose input needs a gradient joins it, one with an empty shard too.
+    """
+    group = dist.group.WORLD if process_group is None else process_group
+    return lambda sums: dist.all_reduce(sums, group=group)
 
 
 def _check_layout(group: Any, key: Any, channels: int, dtype: torch.dtype, device: torch.device) -> None:
@@ -151,43 +142,40 @@ def _check_layout(group: Any, key: Any, channels: int, dtype: torch.dtype, devic
 _ROUNDING_RATIO = 2.0**10
 
 
-def _local_statistics(view: Tensor, inside: Tensor | None) -> Tensor:
+@torch.no_grad()
+def _local_statistics(view: Tensor, mask: Tensor | None) -> Tensor:
     """This shard's packed ``[n_r, m_r (C), e_r (C), v_r (C)]`` in the compute dtype.
 
-    ``m_r`` and ``v_r`` are the local paths' own statistics (stable; masked-out values never
-    enter them): :func:`functional.batch_statistics`, which normalizes nothing, or the masked
-    training path, whose normalized output is dropped. ``e_r`` is the rounding
-    error of ``m_r`` (``m_r + e_r`` is the mean to about twice the precision), measured where the
-    mean is large against the spread, and on devices where deciding would cost a host
-    synchronization; else 0. An empty shard sends zeros, which weigh nothing (not ``0 * NaN``).
+    ``n_r``, ``m_r`` and ``v_r`` are :func:`functional.batch_statistics` (stable; masked-out
+    values never enter them; zeros for an empty shard, which weigh nothing). ``e_r`` is the
+    rounding error of ``m_r`` (``m_r + e_r`` is the mean to about twice the precision), measured
+    where the mean is large against the spread, and on devices where deciding would cost a host
+    synchronization; else 0.
     """
-    channels = view.shape[1]
-    dtype = functional.compute_dtype(view.dtype)
-    if view.numel() == 0:  # the native kernels do not accept an empty input
-        return torch.zeros(1 + 3 * channels, dtype=dtype, device=view.device)
-    with torch.no_grad():
-        if inside is None:
-            mean, var, _ = functional.batch_statistics(view)
-            count = torch.full((1,), view.numel() // channels, dtype=dtype, device=view.device)
-        else:
-            zeros = torch.zeros(channels, dtype=dtype, device=view.device)
-            _, mean, var, _ = functional.masked_batch_norm_training(view, inside, None, None, zeros, zeros, 1.0)
-            count = inside.sum(dtype=dtype)
-        rounding = torch.zeros_like(mean)
-        if view.device.type != "cpu" or bool((mean.square() > _ROUNDING_RATIO * var).any()):
-            rounding = _rounding_of_mean(view, inside, mean, count)
+    count, mean, var = _count_mean_var(view, mask)
+    rounding = torch.zeros_like(mean)
+    if view.device.type != "cpu" or bool((mean.square() > _ROUNDING_RATIO * var).any()):
+        rounding = _rounding_of_mean(view, mask, mean, count)
     return torch.cat([count.reshape(1), mean, rounding, var])
 
 
-def _rounding_of_mean(view: Tensor, inside: Tensor | None, mean: Tensor, count: Tensor) -> Tensor:
+def _count_mean_var(view: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    statistics = functional.batch_statistics(view, mask)
+    count = statistics.count
+    if not isinstance(count, Tensor):
+        count = torch.tensor(count, dtype=statistics.mean.dtype, device=view.device)
+    return count, statistics.mean, statistics.var
+
+
+def _rounding_of_mean(view: Tensor, mask: Tensor | None, mean: Tensor, count: Tensor) -> Tensor:
     """``sum_I(x - mean) / count``: what rounding ``mean`` lost.
 
     Near a large mean ``x - mean`` is exact (Sterbenz), and the deviations sum to a small number
     whose own rounding is relative to the spread, not to the mean.
     """
-    deviation = view - functional._per_channel(mean, view)
-    if inside is not None:
-        deviation = torch.where(inside, deviation, 0)
+    deviation = view - functional.per_channel(mean, view)
+    if mask is not None:
+        deviation = torch.where(mask, deviation, 0)
     return deviation.sum([d for d in range(view.dim()) if d != 1]) / count.clamp(min=1)
 
 
@@ -203,8 +191,7 @@ def _combine(gathered: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     """
     channels = (gathered.shape[1] - 1) // 3
     counts, means, roundings, variances = gathered.double().split([1, channels, channels, channels], dim=1)
-    shares = counts[:, 0] / counts.sum().clamp(min=1)
-    mean, var = functional.combine_statistics(shares, means + roundings, variances)
+    mean, var = functional.combine_statistics(counts[:, 0], means + roundings, variances)
     return counts.sum().to(gathered.dtype), mean.to(gathered.dtype), var.to(gathered.dtype)
 
 
@@ -216,101 +203,3 @@ def _all_gather(local: Tensor, group: Any) -> Tensor:
     gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
     gather(gathered, local, group=group)
     return gathered.view(world, local.numel())
-
-
-class _SynchronizedBatchNormTraining(torch.autograd.Function):
-    r"""Batch normalization with the global batch's statistics; explicit backward.
-
-    Backward: :func:`functional.statistics_backward` with its two per-channel sums all-reduced
-    over the group, so that the input gradient is the global batch's (as PyTorch's
-    ``SyncBatchNorm``), while ``dgamma``/``dbeta`` stay this rank's share (DDP sums them).
-    """
-
-    @staticmethod
-    def forward(ctx, view, inside, gamma, beta, fallback_mean, fallback_var, epsilon: float, group):
-        count, mean, var = _combine(_all_gather(_local_statistics(view, inside), group))
-        has_elements = count > 0
-        used_mean = torch.where(has_elements, mean, fallback_mean)
-        used_var = torch.where(has_elements, var, fallback_var)
-        y = functional.normalize(view, used_mean, used_var, gamma, beta, epsilon)
-        ctx.save_for_backward(view, inside, gamma, used_mean, used_var, count)
-        ctx.epsilon, ctx.group = epsilon, group
-        ctx.mark_non_differentiable(mean, var)
-        return y, mean, var, functional.valid_statistics(mean, var, count)
-
-    @staticmethod
-    @once_differentiable  # its formulas take the statistics as constants: no second derivative
-    def backward(ctx, grad_y, _grad_mean, _grad_var, _grad_valid):
-        view, inside, gamma, mean, var, count = ctx.saved_tensors
-        # Every rank whose input needs a gradient joins the all-reduce, an empty one too.
-        grads = functional.statistics_backward(
-            grad_y, view, inside, gamma, mean, var, count, ctx.epsilon, ctx.needs_input_grad,
-            all_reduce=lambda sums: dist.all_reduce(sums, group=ctx.group),
-        )
-        return grads[0], None, grads[1], grads[2], None, None, None, None
-
-
-# ------------------------------------------------------------------------- local process groups
-
-
-def run_local_group(
-    worker: Callable[..., Any],
-    world_size: int,
-    *args: Any,
-    timeout_s: float = 60.0,
-    deadline_s: float | None = None,
-    threads: int | None = None,
-) -> list[Any]:
-    """Run ``worker(*args)`` in ``world_size`` new processes joined by a gloo group; return the results.
-
-    Each process joins ``torch.distributed`` (gloo, rendezvous on 127.0.0.1 at a free port, the
-    group's collective timeout ``timeout_s``), uses ``threads`` CPU threads (default: the CPUs
-    shared out), calls ``worker(*args)`` (``dist.get_rank()`` tells it which it is) and leaves the
-    group. For trying synchronized layers on one machine, for tests and for benchmarks; real jobs
-    start with ``torchrun``. ``worker`` must be a module-level function and its result small and
-    picklable. Returns the results in rank order (``None`` for a process that exited without
-    returning); raises the first failure, with the worker's traceback, or ``TimeoutError`` when the
-    processes are not done after ``deadline_s`` seconds (they are killed).
-    """
-    threads = threads or max(1, (os.cpu_count() or 1) // world_size)
-    results = torch.multiprocessing.get_context("spawn").SimpleQueue()
-    context = torch.multiprocessing.start_processes(
-        _run_rank, args=(world_size, _free_port(), timeout_s, threads, worker, args, results),
-        nprocs=world_size, join=False, start_method="spawn",
-    )
-    stop = None if deadline_s is None else time.monotonic() + deadline_s
-    while not context.join(timeout=0.1):
-        if stop is not None and time.monotonic() > stop:
-            for process in context.processes:
-                process.kill()
-                process.join()
-            raise TimeoutError(f"the {world_size} processes of the local group were not done after {deadline_s} s")
-    by_rank = {}
-    while not results.empty():  # every process has exited: whatever they sent is here
-        rank, result = results.get()
-        by_rank[rank] = result
-    return [by_rank.get(rank) for rank in range(world_size)]
-
-
-def _free_port() -> int:
-    """A TCP port free on 127.0.0.1 now (the system's choice; another process may take it later)."""
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
-def _run_rank(
-    rank: int, world_size: int, port: int, timeout_s: float, threads: int, worker: Callable, args: tuple, results
-) -> None:
-    torch.set_num_threads(threads)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
-    try:
-        results.put((rank, worker(*args)))
-    finally:
-        # Whatever the worker left in reference cycles (a DistributedDataParallel wrapper) goes
-        # while its group exists: torn down after it, gloo can abort the process.
-        gc.collect()
-        dist.destroy_process_group()

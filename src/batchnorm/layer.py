@@ -438,7 +438,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             return x.clone()
         dtype = functional.compute_dtype(x.dtype)
         gamma, beta = self.gamma, self.beta
-        buffers = moving_mean, moving_variance = self.moving_mean, self.moving_variance
+        moving_mean, moving_variance = self.moving_mean, self.moving_variance
         # e.g. float32 weights meeting float64 inputs, or 16-bit gamma/beta (FSDP mixed precision)
         if not (
             moving_mean.dtype == moving_variance.dtype == dtype
@@ -465,24 +465,35 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         inside = None
         if mask is not None:
             inside = functional.mask_view(mask if mask.device == x.device else mask.to(x.device), x.shape, axis, order)
-        if self.synchronized and distributed.is_synchronizing(self.process_group):
-            # Every rank joins the collectives, an empty one too.
-            y, mean, var, valid = distributed.synchronized_batch_norm_training(
-                view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon, self.process_group,
-                key=self,  # the channel-count check runs once per layer
-            )
-        elif view.numel() == 0:
-            # An empty batch has no statistics: it is normalized like inference and updates nothing.
-            y = functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
-            return functional.from_channel_view(y, x.shape, order)
-        elif inside is None:
-            y, mean, var, valid = functional.batch_norm_training(view, gamma, beta, self.epsilon)
-        else:
-            y, mean, var, valid = functional.masked_batch_norm_training(
-                view, inside, gamma, beta, moving_mean, moving_variance, self.epsilon
-            )
-        functional.update_moving_statistics(*buffers, mean, var, self.momentum, valid)
+        y = self._normalize_training(view, inside, gamma, beta, moving_mean, moving_variance)
         return functional.from_channel_view(y, x.shape, order)
+
+    def _normalize_training(self, view, inside, gamma, beta, moving_mean, moving_variance) -> Tensor:
+        """The training call on a channel view: which statistics, the fallback, the update (the policy).
+
+        Synchronized layers take the global batch's statistics and sum the backward's over the
+        group; every rank joins, one with an empty shard too. A batch with no element (empty, or
+        all masked out) has no statistics: the moving ones stand in and nothing is updated.
+        """
+        all_reduce = None
+        if self.synchronized and distributed.is_synchronizing(self.process_group):
+            statistics = distributed.batch_statistics(view, inside, self.process_group, key=self)
+            all_reduce = distributed.summing(self.process_group)
+        else:
+            statistics = functional.batch_statistics(view, inside)
+        if isinstance(statistics.count, int):  # known on the host
+            if statistics.count == 0:
+                return functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
+            used = statistics
+        else:  # decided on the device: no synchronization
+            has_elements = statistics.count > 0
+            used = statistics._replace(
+                mean=torch.where(has_elements, statistics.mean, moving_mean),
+                var=torch.where(has_elements, statistics.var, moving_variance),
+            )
+        y = functional.normalize_by_batch(view, used, gamma, beta, self.epsilon, inside, all_reduce)
+        functional.update_moving_statistics(self.moving_mean, self.moving_variance, statistics, self.momentum)
+        return y
 
     # -------------------------------------------------------------- regularizers, constraints
 
