@@ -144,6 +144,7 @@ def test_threads_are_restored():
     assert torch.get_num_threads() == before
 
 
+@pytest.mark.distributed   # re-executes the benchmark in a subprocess
 def test_tuned_malloc_reruns_with_the_settings_recorded(tmp_path):
     path = tmp_path / "tuned.json"
     args = _parser().parse_args(["--tuned-malloc", "--quick", "--cases", "C", "--modes", "training",

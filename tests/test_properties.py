@@ -12,6 +12,7 @@ once to the weights' dtype.
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -170,6 +171,7 @@ def stat_tolerance(case, expected):
 # ------------------------------------------------------------------------------ properties
 
 
+@pytest.mark.slow   # ~3.7 s: 400 examples
 @settings(max_examples=400, **SETTINGS)
 @given(case=cases(), training_arg=st.sampled_from([True, False, None]), module_training=st.booleans(), trainable=st.booleans())
 def test_layer_matches_reference(case, training_arg, module_training, trainable):
