@@ -34,7 +34,8 @@ ROUNDING = {
     torch.float64: 2 * torch.finfo(torch.float64).eps,
 }
 
-SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], derandomize=False)
+# No derandomize here: the profile that tests/conftest.py loads decides (repeatable by default).
+SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 def compute_dtype(input_dtype: torch.dtype) -> torch.dtype:
