@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-fast bench clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,6 +17,10 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(PY) -m pytest
+
+# Without the tests that start processes (distributed) or take seconds each (slow).
+test-fast: $(INSTALLED)
+	$(PY) -m pytest -m "not distributed and not slow"
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache

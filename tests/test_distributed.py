@@ -35,6 +35,8 @@ SHORT_TIMEOUT_S = 5   # for the tests of a peer that leaves
 DEADLINE_S = 240      # processes still running by then fail the test instead of hanging it
 CHANNELS, STEPS = 5, 3
 
+pytestmark = pytest.mark.distributed   # every test here starts processes or uses torch.distributed
+
 
 @dataclasses.dataclass(frozen=True)
 class Case:

@@ -247,6 +247,7 @@ def test_layer_batch_normalization_three_forms():
 # --------------------------------------------------------------------------------------- compile
 
 
+@pytest.mark.slow   # torch.compile: ~5 s for the first compile in a process
 @pytest.mark.parametrize("masked", [False, True])
 def test_compiled_layer_has_no_graph_breaks_and_matches_eager(masked):
     torch._dynamo.reset()

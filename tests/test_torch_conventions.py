@@ -58,6 +58,7 @@ def test_an_optimizer_made_before_the_first_call_trains_the_weights(norm):
     assert any(p.detach().abs().sum() > 0 and not torch.equal(p.detach(), torch.ones(4)) for p in norm_parameters)
 
 
+@pytest.mark.distributed   # a one-process gloo group
 def test_ddp_refuses_an_unbuilt_layer_and_takes_a_built_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
