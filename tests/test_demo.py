@@ -6,12 +6,8 @@ import struct
 
 import pytest
 
-pytest.importorskip("matplotlib")
-pytest.importorskip("sklearn")
-pytest.importorskip("tqdm")
-
-from batchnorm.__main__ import main  # noqa: E402
-from batchnorm.demo import bn_buffers, build_model, buffers_equal, run_demo  # noqa: E402
+from batchnorm.__main__ import main
+from batchnorm.demo import bn_buffers, build_model, buffers_equal, run_demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

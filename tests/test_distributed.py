@@ -348,7 +348,6 @@ def test_bench_sync_times_both_training_modes_on_every_rank(tmp_path, capsys):
 
 
 def test_the_ddp_example_runs_under_torchrun():
-    pytest.importorskip("sklearn")   # the demo extra, which `make test` installs
     command = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()),
                "--nproc-per-node", "2", "examples/ddp_cpu.py", "--epochs", "1"]
     result = subprocess.run(command, cwd=Path(__file__).parent.parent, capture_output=True, text=True,
