@@ -77,6 +77,23 @@ def test_names_are_exactly_keras_names_for_implemented_classes(kind):
     assert keras_side == set(ours._REGISTRY.names)
 
 
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_public_classes_are_bound_under_their_own_names(kind):
+    ours, _, _ = KINDS[kind]
+    for name in ours.__all__:
+        obj = getattr(ours, name)
+        if isinstance(obj, type):
+            assert (obj.__module__, obj.__qualname__) == (ours.__name__, name)
+
+
+@pytest.mark.parametrize("name", ["GlorotUniform", "GlorotNormal", "HeNormal", "HeUniform",
+                                  "LecunNormal", "LecunUniform"])
+def test_variance_scaling_presets_are_keras_presets(name):
+    ours, theirs = getattr(I, name)(), getattr(keras.initializers, name)()
+    assert isinstance(ours, I.VarianceScaling)
+    assert (ours.scale, ours.mode, ours.distribution) == (theirs.scale, theirs.mode, theirs.distribution)
+
+
 KERAS_OBJECTS = [
     ("initializers", keras.initializers.Constant(3.5)),
     ("initializers", keras.initializers.Constant(2)),

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -104,7 +106,17 @@ def buffers_equal(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 
 # ---------------------------------------------------------------------------------------- data
 
-def _load_digits(seed: int):
+@dataclass
+class _Digits:
+    """scikit-learn's 8x8 digits as channels-last ``(N, 8, 8, 1)`` images in [0, 1], split 3:1."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def _load_digits(seed: int) -> _Digits:
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -114,7 +126,7 @@ def _load_digits(seed: int):
     idx_train, idx_test = train_test_split(
         torch.arange(len(y)).numpy(), test_size=0.25, stratify=digits.target, random_state=seed)
     idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
-    return x[idx_train], y[idx_train], x[idx_test], y[idx_test]
+    return _Digits(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
 
 
 def _batches(n: int, batch_size: int, generator: torch.Generator):
@@ -154,11 +166,179 @@ def _population_stats(model: nn.Module, layer: BatchNormalization, x: torch.Tens
     return inputs.mean(0), inputs.var(0, unbiased=False)
 
 
+# ------------------------------------------------------------------------------------ training
+
+@dataclass
+class _Training:
+    """What training leaves for the report and the figure: per-epoch ``history``, the tracked
+    layer's moving statistics before the first step and after every step, the time it took."""
+
+    steps_per_epoch: int
+    history: dict[str, list] = field(default_factory=lambda: {
+        "epoch": [], "train_loss": [], "train_accuracy": [], "test_accuracy": []})
+    trace_mean: list[torch.Tensor] = field(default_factory=list)
+    trace_var: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def record_statistics(self, layer: BatchNormalization) -> None:
+        self.trace_mean.append(layer.moving_mean.detach().clone())
+        self.trace_var.append(layer.moving_variance.detach().clone())
+
+    def record_epoch(self, epoch: int, train_loss: float, train_accuracy: float,
+                     test_accuracy: float) -> None:
+        self.history["epoch"].append(epoch)
+        self.history["train_loss"].append(train_loss)
+        self.history["train_accuracy"].append(train_accuracy)
+        self.history["test_accuracy"].append(test_accuracy)
+
+
+def _built_model(x: torch.Tensor) -> nn.Sequential:
+    """``build_model()`` with its lazily created weights built by one call on ``x[:2]``, in
+    inference mode so that no moving statistic is written before training."""
+    model = build_model()
+    model.eval()
+    with torch.no_grad():
+        model(x[:2])
+    return model
+
+
+def _train(model: nn.Module, tracked: BatchNormalization, data: _Digits, epochs: int,
+           generator: torch.Generator, progress: bool) -> _Training:
+    """Adam under a one-cycle learning-rate schedule, ``epochs`` passes in batches of BATCH_SIZE.
+
+    Records the loss and accuracies of every epoch (test accuracy in inference mode) and
+    ``tracked``'s moving statistics after every step, for the figure.
+    """
+    from tqdm import tqdm
+
+    run = _Training(steps_per_epoch=len(data.y_train) // BATCH_SIZE)
+    total_steps = epochs * run.steps_per_epoch
+    optimizer = torch.optim.Adam(model.parameters())   # lr set by the one-cycle schedule
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=MAX_LR, total_steps=total_steps)
+    run.record_statistics(tracked)
+    bar = tqdm(total=total_steps, unit="step", disable=not progress, desc="training",
+               dynamic_ncols=True)
+
+    def after_step() -> None:
+        run.record_statistics(tracked)
+        bar.update(1)
+
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        train_loss, train_accuracy = _train_epoch(model, optimizer, schedule, data, generator,
+                                                  after_step)
+        model.eval()
+        test_accuracy = _accuracy(model, data.x_test, data.y_test, 256)
+        run.record_epoch(epoch, train_loss, train_accuracy, test_accuracy)
+        bar.set_postfix_str(f"epoch {epoch}/{epochs}, loss {train_loss:.3f}, "
+                            f"test acc {100 * test_accuracy:.1f}%")
+    run.seconds = time.perf_counter() - t0
+    bar.close()
+    return run
+
+
+def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
+                 schedule: torch.optim.lr_scheduler.LRScheduler, data: _Digits,
+                 generator: torch.Generator, after_step: Callable[[], None]) -> tuple[float, float]:
+    """One shuffled pass in training mode; the mean loss and the accuracy over its batches."""
+    model.train()
+    loss_sum = correct = seen = 0
+    for idx in _batches(len(data.y_train), BATCH_SIZE, generator):
+        logits = model(data.x_train[idx])
+        loss = F.cross_entropy(logits, data.y_train[idx])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+        loss_sum += loss.item() * len(idx)
+        correct += (logits.argmax(-1) == data.y_train[idx]).sum().item()
+        seen += len(idx)
+        after_step()
+    return loss_sum / seen, correct / seen
+
+
+# ------------------------------------------------------------------------------ the three parts
+
+@dataclass
+class _ModeAccuracies:
+    """(a) Test accuracies of the trained model in inference mode, and of a copy of it forced into
+    training mode: on test batches of SMALL_BATCH, and on the whole test set as one batch."""
+
+    inference: float
+    small_batch: float
+    full_batch: float
+
+
+def _accuracy_by_mode(model: nn.Module, data: _Digits) -> _ModeAccuracies:
+    model.eval()
+    inference = _accuracy(model, data.x_test, data.y_test, 256)
+    forced = copy.deepcopy(model).train()   # a copy: training-mode calls update moving statistics
+    return _ModeAccuracies(inference=inference,
+                           small_batch=_accuracy(forced, data.x_test, data.y_test, SMALL_BATCH),
+                           full_batch=_accuracy(forced, data.x_test, data.y_test, len(data.y_test)))
+
+
+@dataclass
+class _FineTuning:
+    """(b) The new head's test accuracy, and whether the frozen backbone stayed bit-for-bit equal."""
+
+    accuracy: float
+    buffers_unchanged: bool
+    weights_unchanged: bool
+    buffers_checked: int
+    frozen_layers: int
+
+
+def _fine_tune_new_head(model: nn.Sequential, data: _Digits,
+                        generator: torch.Generator) -> _FineTuning:
+    """Freeze the backbone with ``set_trainable(backbone, False)`` and train a new head for
+    FINETUNE_STEPS steps in ``model.train()`` mode, the usual loop: the frozen layers must stay in
+    inference mode, so their moving statistics must not move."""
+    backbone, head = model[0], model[1]
+    set_trainable(backbone, False)
+    finetuned = nn.Sequential(backbone, nn.Linear(head.in_features, head.out_features))
+    finetuned.train()
+    before = bn_buffers(backbone)
+    weights_before = [p.detach().clone() for p in backbone.parameters()]
+    _train_steps(finetuned, data, generator, FINETUNE_STEPS)
+    after = bn_buffers(backbone)
+    weights_unchanged = all(torch.equal(a, b) for a, b in zip(weights_before, backbone.parameters()))
+    finetuned.eval()
+    return _FineTuning(accuracy=_accuracy(finetuned, data.x_test, data.y_test, 256),
+                       buffers_unchanged=buffers_equal(before, after),
+                       weights_unchanged=weights_unchanged,
+                       buffers_checked=len(after), frozen_layers=len(bn_layers(backbone)))
+
+
+def _train_steps(model: nn.Module, data: _Digits, generator: torch.Generator, steps: int) -> None:
+    """``steps`` Adam steps (lr 1e-2) on the parameters that require a gradient."""
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    step = 0
+    while step < steps:
+        for idx in _batches(len(data.y_train), BATCH_SIZE, generator):
+            loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            if step == steps:
+                break
+
+
+def _figure_of_moving_statistics(path: Path, model: nn.Module, tracked: BatchNormalization,
+                                 data: _Digits, training: _Training) -> tuple[Path, float]:
+    """(c) Draw the figure; return its path and how far the tracked layer's final moving means
+    are from the population means of its inputs, in population standard deviations (the most
+    over its channels)."""
+    pop_mean, pop_var = _population_stats(model, tracked, data.x_train)
+    trace_mean, trace_var = torch.stack(training.trace_mean), torch.stack(training.trace_var)
+    png = _draw_figure(path, training.history, trace_mean, trace_var, pop_mean, pop_var,
+                       training.steps_per_epoch, tracked.momentum)
+    gap = ((trace_mean[-1] - pop_mean).abs() / pop_var.sqrt()).max().item()
+    return png, gap
+
+
 # ---------------------------------------------------------------------------------------- demo
-
-def _pct(a: float) -> str:
-    return f"{100 * a:5.1f} %"
-
 
 def run_demo(epochs: int = 25, seed: int = 0, out_dir: str | Path = "demo-out",
              progress: bool = True) -> dict:
@@ -174,171 +354,123 @@ def run_demo(epochs: int = 25, seed: int = 0, out_dir: str | Path = "demo-out",
     """
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, received epochs={epochs!r}")
-    from tqdm import tqdm
-
     torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    out_dir = Path(out_dir)
+    generator = torch.Generator().manual_seed(seed)
+    png_path = Path(out_dir) / FIGURE_NAME
+    data = _load_digits(seed)
+    model = _built_model(data.x_train)
+    tracked = bn_layers(model)[TRACKED_LAYER]
+    _print_setup(model, data)
+    training = _train(model, tracked, data, epochs, generator, progress)
+    _print_training(training, epochs)
+    modes = _accuracy_by_mode(model, data)
+    _print_modes(modes, len(data.y_test), tracked.momentum)
+    fine_tuning = _fine_tune_new_head(model, data, generator)
+    _print_fine_tuning(fine_tuning)
+    png, gap = _figure_of_moving_statistics(png_path, model, tracked, data, training)
+    _print_figure(png, gap)
+    return {
+        "epochs": epochs,
+        "seed": seed,
+        "train_seconds": training.seconds,
+        "final_train_loss": training.history["train_loss"][-1],
+        "test_accuracy": modes.inference,
+        "train_mode_accuracy_small_batch": modes.small_batch,
+        "train_mode_accuracy_full_batch": modes.full_batch,
+        "small_batch": SMALL_BATCH,
+        "finetune_accuracy": fine_tuning.accuracy,
+        "finetune_steps": FINETUNE_STEPS,
+        "frozen_unchanged": fine_tuning.buffers_unchanged,
+        "frozen_weights_unchanged": fine_tuning.weights_unchanged,
+        "frozen_buffers_checked": fine_tuning.buffers_checked,
+        "png": str(png),
+        "history": training.history,
+    }
 
-    x_train, y_train, x_test, y_test = _load_digits(seed)
-    model = build_model()
-    model.eval()
-    with torch.no_grad():
-        model(x_train[:2])            # builds the lazily created weights; eval: no buffer written
-    backbone, head = model[0], model[1]
-    layers = bn_layers(model)
-    tracked = layers[TRACKED_LAYER]
 
+# ------------------------------------------------------------------------------------- report
+
+def _pct(a: float) -> str:
+    return f"{100 * a:5.1f} %"
+
+
+def _print_setup(model: nn.Module, data: _Digits) -> None:
     print("batchnorm demo: a small channels-last CNN with BatchNormalization(axis=-1), "
           "on scikit-learn's 8x8 digits, on CPU")
-    print(f"  {len(y_train)} training / {len(y_test)} test images; "
-          f"{len(layers)} BatchNormalization layers; "
+    print(f"  {len(data.y_train)} training / {len(data.y_test)} test images; "
+          f"{len(bn_layers(model))} BatchNormalization layers; "
           f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
 
-    # ---- training -------------------------------------------------------------------------
-    steps_per_epoch = len(y_train) // BATCH_SIZE
-    total_steps = epochs * steps_per_epoch
-    optimizer = torch.optim.Adam(model.parameters())   # lr set by the one-cycle schedule
-    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=MAX_LR, total_steps=total_steps)
-    history = {"epoch": [], "train_loss": [], "train_accuracy": [], "test_accuracy": []}
-    trace_mean = [tracked.moving_mean.detach().clone()]       # tracked layer, after each step
-    trace_var = [tracked.moving_variance.detach().clone()]
 
-    bar = tqdm(total=total_steps, unit="step", disable=not progress, desc="training",
-               dynamic_ncols=True)
-    t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
-        model.train()
-        loss_sum = correct = seen = 0
-        for idx in _batches(len(y_train), BATCH_SIZE, gen):
-            logits = model(x_train[idx])
-            loss = F.cross_entropy(logits, y_train[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
-            loss_sum += loss.item() * len(idx)
-            correct += (logits.argmax(-1) == y_train[idx]).sum().item()
-            seen += len(idx)
-            trace_mean.append(tracked.moving_mean.detach().clone())
-            trace_var.append(tracked.moving_variance.detach().clone())
-            bar.update(1)
-        model.eval()
-        test_acc = _accuracy(model, x_test, y_test, 256)
-        history["epoch"].append(epoch)
-        history["train_loss"].append(loss_sum / seen)
-        history["train_accuracy"].append(correct / seen)
-        history["test_accuracy"].append(test_acc)
-        bar.set_postfix_str(f"epoch {epoch}/{epochs}, loss {loss_sum / seen:.3f}, "
-                            f"test acc {100 * test_acc:.1f}%")
-    train_seconds = time.perf_counter() - t0
-    bar.close()
-    print(f"Trained {epochs} epoch{'s' * (epochs != 1)} ({total_steps} steps, batches of "
-          f"{BATCH_SIZE}) in {train_seconds:.1f} s; final training loss "
-          f"{history['train_loss'][-1]:.3f}.")
+def _print_training(training: _Training, epochs: int) -> None:
+    print(f"Trained {epochs} epoch{'s' * (epochs != 1)} ({epochs * training.steps_per_epoch} steps, "
+          f"batches of {BATCH_SIZE}) in {training.seconds:.1f} s; final training loss "
+          f"{training.history['train_loss'][-1]:.3f}.")
 
-    # ---- (a) inference mode vs batch statistics --------------------------------------------
-    model.eval()
-    acc_infer = _accuracy(model, x_test, y_test, 256)
-    forced = copy.deepcopy(model).train()   # a copy: training-mode calls update moving statistics
-    acc_small = _accuracy(forced, x_test, y_test, SMALL_BATCH)
-    acc_full = _accuracy(forced, x_test, y_test, len(y_test))
+
+def _print_modes(acc: _ModeAccuracies, n_test: int, momentum: float) -> None:
     print()
     print("(a) Test accuracy, inference mode vs the same model forced into training mode")
-    print(f"    {_pct(acc_infer)}  model.eval(): moving statistics, so a prediction does not "
+    print(f"    {_pct(acc.inference)}  model.eval(): moving statistics, so a prediction does not "
           "depend on its batch-mates")
-    print(f"    {_pct(acc_full)}  model.train(), the {len(y_test)} test images as one batch: "
+    print(f"    {_pct(acc.full_batch)}  model.train(), the {n_test} test images as one batch: "
           "its statistics are close to the moving ones")
-    print(f"    {_pct(acc_small)}  model.train(), batches of {SMALL_BATCH}: the statistics of "
+    print(f"    {_pct(acc.small_batch)}  model.train(), batches of {SMALL_BATCH}: the statistics of "
           f"{SMALL_BATCH} images are noisy, so are the outputs")
-    if acc_infer < acc_full - 0.02:
+    if acc.inference < acc.full_batch - 0.02:
         print(f"    (inference trails: the moving statistics still remember their start values; "
-              f"momentum {tracked.momentum:g} averages\n     over ~{1 / (1 - tracked.momentum):.0f} "
+              f"momentum {momentum:g} averages\n     over ~{1 / (1 - momentum):.0f} "
               "steps. Train for more epochs.)")
 
-    # ---- (b) fine-tune a new head on a frozen backbone --------------------------------------
-    set_trainable(backbone, False)
-    new_head = nn.Linear(head.in_features, head.out_features)
-    finetuned = nn.Sequential(backbone, new_head)
-    finetuned.train()   # the usual training loop; the frozen layers must stay in inference mode
-    before = bn_buffers(backbone)
-    weights_before = [p.detach().clone() for p in backbone.parameters()]
-    opt = torch.optim.Adam([p for p in finetuned.parameters() if p.requires_grad], lr=1e-2)
-    step = 0
-    while step < FINETUNE_STEPS:
-        for idx in _batches(len(y_train), BATCH_SIZE, gen):
-            loss = F.cross_entropy(finetuned(x_train[idx]), y_train[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            step += 1
-            if step == FINETUNE_STEPS:
-                break
-    after = bn_buffers(backbone)
-    frozen_unchanged = buffers_equal(before, after)
-    weights_unchanged = all(torch.equal(a, b) for a, b in zip(weights_before, backbone.parameters()))
-    finetuned.eval()
-    acc_finetune = _accuracy(finetuned, x_test, y_test, 256)
-    n_frozen = len(bn_layers(backbone))
+
+def _print_fine_tuning(result: _FineTuning) -> None:
     print()
     print(f"(b) A new head trained for {FINETUNE_STEPS} steps under model.train(), backbone frozen "
           "by set_trainable(backbone, False)")
-    print(f"    {_pct(acc_finetune)}  test accuracy of the new head on the frozen backbone's features")
-    verdict = "    YES    " if frozen_unchanged else "    NO!    "
-    print(f"{verdict}moving statistics of the {n_frozen} frozen layers bit-for-bit unchanged "
-          f"(torch.equal on {len(after)} buffers)")
-    if not weights_unchanged:
+    print(f"    {_pct(result.accuracy)}  test accuracy of the new head on the frozen backbone's features")
+    verdict = "    YES    " if result.buffers_unchanged else "    NO!    "
+    print(f"{verdict}moving statistics of the {result.frozen_layers} frozen layers bit-for-bit "
+          f"unchanged (torch.equal on {result.buffers_checked} buffers)")
+    if not result.weights_unchanged:
         print("    NO!    the frozen backbone's weights changed")
 
-    # ---- (c) figure ---------------------------------------------------------------------------
-    pop_mean, pop_var = _population_stats(model, tracked, x_train)
-    trace_mean, trace_var = torch.stack(trace_mean), torch.stack(trace_var)
-    png = _draw_figure(out_dir / FIGURE_NAME, history, trace_mean, trace_var, pop_mean, pop_var,
-                       steps_per_epoch, tracked.momentum)
-    gap = ((trace_mean[-1] - pop_mean).abs() / pop_var.sqrt()).max().item()
+
+def _print_figure(png: Path, gap: float) -> None:
     print()
     print(f"(c) Figure: {png}")
     print("    the training curve, and the 1st BatchNormalization layer's moving mean/variance "
           "reaching the\n    mean/variance of its inputs over the training set "
           f"(final gap in the means: {gap:.2g} standard deviations)")
 
-    return {
-        "epochs": epochs,
-        "seed": seed,
-        "train_seconds": train_seconds,
-        "final_train_loss": history["train_loss"][-1],
-        "test_accuracy": acc_infer,
-        "train_mode_accuracy_small_batch": acc_small,
-        "train_mode_accuracy_full_batch": acc_full,
-        "small_batch": SMALL_BATCH,
-        "finetune_accuracy": acc_finetune,
-        "finetune_steps": FINETUNE_STEPS,
-        "frozen_unchanged": frozen_unchanged,
-        "frozen_weights_unchanged": weights_unchanged,
-        "frozen_buffers_checked": len(after),
-        "png": str(png),
-        "history": history,
-    }
 
+# -------------------------------------------------------------------------------------- figure
 
 def _draw_figure(path: Path, history: dict, trace_mean: torch.Tensor, trace_var: torch.Tensor,
                  pop_mean: torch.Tensor, pop_var: torch.Tensor, steps_per_epoch: int,
                  momentum: float) -> Path:
+    """Write the PNG: the training curve, and the tracked layer's moving statistics per step
+    against the population statistics of its inputs."""
     # Figure + Agg canvas directly: no pyplot, so no global backend is switched or window opened.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    # Channels spread over the range of population means, so their curves don't overlap.
-    order = torch.argsort(pop_mean)
-    picks = [int(order[round(i * (len(order) - 1) / max(TRACKED_CHANNELS - 1, 1))])
-             for i in range(TRACKED_CHANNELS)]
-    steps = torch.arange(len(trace_mean)).numpy()
-    epochs_axis = [s / steps_per_epoch for s in steps]
-
     fig = Figure(figsize=(15, 4.9), layout="constrained")
     FigureCanvasAgg(fig)
     ax_loss, ax_mean, ax_var = fig.subplots(1, 3)
+    _plot_training_curve(ax_loss, history)
+    _plot_moving_statistics(ax_mean, ax_var, trace_mean, trace_var, pop_mean, pop_var,
+                            steps_per_epoch, momentum)
+    fig.suptitle("Solid: the layer's moving statistics during training, for 3 of its channels.   "
+                 "Dashed: mean/variance of the layer's inputs over the whole training set, "
+                 "with the final weights in front of it.", fontsize=9)
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path
+
+
+def _plot_training_curve(ax_loss, history: dict) -> None:
+    """Training loss per epoch (log scale), and on a twin axis the training and test accuracies."""
     ax_loss.plot(history["epoch"], history["train_loss"], "o-", color="tab:blue", label="training loss")
     ax_loss.set_xlabel("epoch")
     ax_loss.set_ylabel("cross-entropy (training)", color="tab:blue")
@@ -355,6 +487,18 @@ def _draw_figure(path: Path, history: dict, trace_mean: torch.Tensor, trace_var:
                    bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
     ax_loss.set_title("Training curve")
 
+
+def _plot_moving_statistics(ax_mean, ax_var, trace_mean: torch.Tensor, trace_var: torch.Tensor,
+                            pop_mean: torch.Tensor, pop_var: torch.Tensor, steps_per_epoch: int,
+                            momentum: float) -> None:
+    """TRACKED_CHANNELS channels' moving mean and variance per step (solid), and the population
+    values they should reach (dashed)."""
+    # Channels spread over the range of population means, so their curves don't overlap.
+    order = torch.argsort(pop_mean)
+    picks = [int(order[round(i * (len(order) - 1) / max(TRACKED_CHANNELS - 1, 1))])
+             for i in range(TRACKED_CHANNELS)]
+    steps = torch.arange(len(trace_mean)).numpy()
+    epochs_axis = [s / steps_per_epoch for s in steps]
     colors = ["tab:red", "tab:purple", "tab:cyan", "tab:olive", "tab:brown"]
     for ax, trace, pop in ((ax_mean, trace_mean, pop_mean), (ax_var, trace_var, pop_var)):
         for k, ch in enumerate(picks):
@@ -369,10 +513,3 @@ def _draw_figure(path: Path, history: dict, trace_mean: torch.Tensor, trace_var:
     ax_var.legend(fontsize=8, loc="upper right")
     ax_mean.set_title(f"1st BatchNormalization: moving_mean (momentum {momentum:g})")
     ax_var.set_title("1st BatchNormalization: moving_variance")
-    fig.suptitle("Solid: the layer's moving statistics during training, for 3 of its channels.   "
-                 "Dashed: mean/variance of the layer's inputs over the whole training set, "
-                 "with the final weights in front of it.", fontsize=9)
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    return path

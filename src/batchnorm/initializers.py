@@ -372,46 +372,34 @@ class _VarianceScalingPreset(VarianceScaling):
                 "output_axes": self.output_axes}
 
 
-@_REGISTRY.register("glorot_uniform")
-class GlorotUniform(_VarianceScalingPreset):
-    """Glorot (Xavier) uniform: ``U(-limit, limit)``, ``limit = sqrt(6 / (fan_in + fan_out))``."""
-
-    _preset = (1.0, "fan_avg", "uniform")
-
-
-@_REGISTRY.register("glorot_normal")
-class GlorotNormal(_VarianceScalingPreset):
-    """Glorot (Xavier) normal: truncated normal with std ``sqrt(2 / (fan_in + fan_out))``."""
-
-    _preset = (1.0, "fan_avg", "truncated_normal")
+def _preset(name: str, keras_name: str, scale: float, mode: str, distribution: str,
+            doc: str) -> type[_VarianceScalingPreset]:
+    """Make and register the subclass ``name`` (Keras also calls it ``keras_name``) of
+    :class:`_VarianceScalingPreset` with ``(scale, mode, distribution)``."""
+    namespace = {"__doc__": doc, "__module__": __name__, "_preset": (scale, mode, distribution)}
+    return _REGISTRY.register(keras_name)(type(name, (_VarianceScalingPreset,), namespace))
 
 
-@_REGISTRY.register("he_normal")
-class HeNormal(_VarianceScalingPreset):
-    """He normal: truncated normal with std ``sqrt(2 / fan_in)``."""
-
-    _preset = (2.0, "fan_in", "truncated_normal")
-
-
-@_REGISTRY.register("he_uniform")
-class HeUniform(_VarianceScalingPreset):
-    """He uniform: ``U(-limit, limit)``, ``limit = sqrt(6 / fan_in)``."""
-
-    _preset = (2.0, "fan_in", "uniform")
-
-
-@_REGISTRY.register("lecun_normal")
-class LecunNormal(_VarianceScalingPreset):
-    """LeCun normal: truncated normal with std ``sqrt(1 / fan_in)``."""
-
-    _preset = (1.0, "fan_in", "truncated_normal")
-
-
-@_REGISTRY.register("lecun_uniform")
-class LecunUniform(_VarianceScalingPreset):
-    """LeCun uniform: ``U(-limit, limit)``, ``limit = sqrt(3 / fan_in)``."""
-
-    _preset = (1.0, "fan_in", "uniform")
+# Keras's presets of VarianceScaling, a class each: name -> (Keras name, scale, mode, distribution)
+# and name -> docstring. The classes are bound below in this order.
+_PRESETS = {
+    "GlorotUniform": ("glorot_uniform", 1.0, "fan_avg", "uniform"),
+    "GlorotNormal": ("glorot_normal", 1.0, "fan_avg", "truncated_normal"),
+    "HeNormal": ("he_normal", 2.0, "fan_in", "truncated_normal"),
+    "HeUniform": ("he_uniform", 2.0, "fan_in", "uniform"),
+    "LecunNormal": ("lecun_normal", 1.0, "fan_in", "truncated_normal"),
+    "LecunUniform": ("lecun_uniform", 1.0, "fan_in", "uniform"),
+}
+_PRESET_DOCS = {
+    "GlorotUniform": "Glorot (Xavier) uniform: ``U(-limit, limit)``, ``limit = sqrt(6 / (fan_in + fan_out))``.",
+    "GlorotNormal": "Glorot (Xavier) normal: truncated normal with std ``sqrt(2 / (fan_in + fan_out))``.",
+    "HeNormal": "He normal: truncated normal with std ``sqrt(2 / fan_in)``.",
+    "HeUniform": "He uniform: ``U(-limit, limit)``, ``limit = sqrt(6 / fan_in)``.",
+    "LecunNormal": "LeCun normal: truncated normal with std ``sqrt(1 / fan_in)``.",
+    "LecunUniform": "LeCun uniform: ``U(-limit, limit)``, ``limit = sqrt(3 / fan_in)``.",
+}
+GlorotUniform, GlorotNormal, HeNormal, HeUniform, LecunNormal, LecunUniform = (
+    _preset(name, *row, _PRESET_DOCS[name]) for name, row in _PRESETS.items())
 
 
 # -- identifiers ----------------------------------------------------------------

@@ -51,6 +51,27 @@ def _check_type(name: str, value: Any, kind: type | tuple, description: str) -> 
         raise TypeError(f"{name} must be {description}, received {name}={value!r}")
 
 
+def _check_arguments(axis: Any, momentum: Any, epsilon: Any, name: Any, process_group: Any,
+                     **flags: Any) -> None:
+    """The constructor's checks of its plain arguments, in the order their errors are reported.
+
+    ``flags`` are the bool arguments by name (``center``, ``scale``, ...). The initializers,
+    regularizers, constraints, dtype and device are checked by their own resolution.
+    """
+    _check_type("axis", axis, numbers.Integral, "an int")
+    _check_type("momentum", momentum, numbers.Real, "a real number")
+    _check_type("epsilon", epsilon, numbers.Real, "a real number")
+    if not 0.0 <= momentum <= 1.0:
+        raise ValueError(f"momentum must be in [0, 1], received momentum={momentum!r}")
+    if not 0.0 < epsilon < float("inf"):
+        raise ValueError(f"epsilon must be a positive finite number, received epsilon={epsilon!r}")
+    for flag_name, flag in flags.items():
+        _check_type(flag_name, flag, bool, "a bool")
+    if name is not None:
+        _check_type("name", name, str, "a str")
+    _check_process_group(process_group)
+
+
 def _check_device(device: Any) -> torch.device | None:
     if device is None:
         return None
@@ -111,6 +132,22 @@ def _resolve_dtype(dtype: Any) -> tuple[str, torch.dtype]:
         f"dtype must be None, a floating torch.dtype, one of {sorted(_POLICY_WEIGHT_DTYPES)} "
         f"or a Keras DTypePolicy dict, received dtype={dtype!r}"
     )
+
+
+def _register_unbuilt_weights(layer: nn.Module, *, scale: bool, center: bool, trainable: bool,
+                              device: torch.device | None, dtype: torch.dtype) -> None:
+    """Register ``gamma`` (if ``scale``), ``beta`` (if ``center``) and the moving statistics on
+    ``layer``, uninitialized until the build.
+
+    As in torch's lazy modules: an optimizer, a deepcopy or a state_dict taken now holds the very
+    objects that are later materialized and trained, and .to()/.double()/.half() or a torch.device
+    context before the build decide their placement.
+    """
+    factory = {"device": device, "dtype": dtype}
+    layer.register_parameter("gamma", UninitializedParameter(requires_grad=trainable, **factory) if scale else None)
+    layer.register_parameter("beta", UninitializedParameter(requires_grad=trainable, **factory) if center else None)
+    layer.register_buffer("moving_mean", _UninitializedBuffer(**factory))
+    layer.register_buffer("moving_variance", _UninitializedBuffer(**factory))
 
 
 class BatchNormalization(LazyModuleMixin, nn.Module):
@@ -202,24 +239,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        _check_type("axis", axis, numbers.Integral, "an int")
-        _check_type("momentum", momentum, numbers.Real, "a real number")
-        _check_type("epsilon", epsilon, numbers.Real, "a real number")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], received momentum={momentum!r}")
-        if not 0.0 < epsilon < float("inf"):
-            raise ValueError(f"epsilon must be a positive finite number, received epsilon={epsilon!r}")
-        for flag_name, flag in (("center", center), ("scale", scale), ("synchronized", synchronized), ("trainable", trainable)):
-            _check_type(flag_name, flag, bool, "a bool")
-        if name is not None:
-            _check_type("name", name, str, "a str")
+        _check_arguments(axis, momentum, epsilon, name, process_group, center=center, scale=scale,
+                         synchronized=synchronized, trainable=trainable)
         self.axis = int(axis)  # NumPy integers are ints too
-        self.momentum = float(momentum)
-        self.epsilon = float(epsilon)
-        self.center = center
-        self.scale = scale
-        self.synchronized = synchronized
-        _check_process_group(process_group)
+        self.momentum, self.epsilon = float(momentum), float(epsilon)
+        self.center, self.scale, self.synchronized = center, scale, synchronized
         self.process_group = process_group
         self.beta_initializer = initializers.get(beta_initializer, argument="beta_initializer")
         self.gamma_initializer = initializers.get(gamma_initializer, argument="gamma_initializer")
@@ -234,14 +258,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self._device = _check_device(device)
         self._trainable = trainable
         self._built_shape: tuple | None = None  # fixes the rank: set by build() or the first call
-        # Uninitialized until the build, as in torch's lazy modules: an optimizer, a deepcopy or a
-        # state_dict taken now holds the very objects that are later materialized and trained, and
-        # .to()/.double()/.half() or a torch.device context before the build decide their placement.
-        factory = {"device": self._device, "dtype": weight_dtype}
-        self.register_parameter("gamma", UninitializedParameter(requires_grad=trainable, **factory) if scale else None)
-        self.register_parameter("beta", UninitializedParameter(requires_grad=trainable, **factory) if center else None)
-        self.register_buffer("moving_mean", _UninitializedBuffer(**factory))
-        self.register_buffer("moving_variance", _UninitializedBuffer(**factory))
+        _register_unbuilt_weights(self, scale=scale, center=center, trainable=trainable,
+                                  device=self._device, dtype=weight_dtype)
 
     @staticmethod
     def _unique_name() -> str:

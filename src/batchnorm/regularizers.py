@@ -13,7 +13,7 @@ and ``"L1L2"``, ``"l1l2"`` (``L1L2()``, i.e. both factors 0.0, as in Keras;
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from typing import Any, Union
+from typing import Any, ClassVar, Union
 
 import torch
 
@@ -53,7 +53,7 @@ def _factor(value: float | None, name: str, default: float) -> float:
     return float(check_real(default if value is None else value, name, minimum=0.0))
 
 
-def _penalty(weight: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
+def _penalty(weight: torch.Tensor, l1: float = 0.0, l2: float = 0.0) -> torch.Tensor:
     """``l1 * sum(|w|) + l2 * sum(w**2)``, a term left out when its factor is 0."""
     w = weight.to(_work_dtype(weight))
     total = torch.zeros((), dtype=w.dtype, device=w.device)
@@ -64,40 +64,42 @@ def _penalty(weight: torch.Tensor, l1: float, l2: float) -> torch.Tensor:
     return total
 
 
-@_REGISTRY.register("l1")
-class L1(Regularizer):
-    """L1 penalty: ``l1 * sum(abs(w))``.
+class _OneFactor(Regularizer):
+    """Base of :class:`L1` and :class:`L2`: one penalty factor, named ``_factor_name`` (``"l1"``
+    or ``"l2"``) as attribute, config key and keyword of :func:`_penalty`. A subclass writes only
+    its ``__init__``, whose keyword Keras names ``l1`` or ``l2``."""
 
-    Args:
-        l1: Non-negative finite factor (``None`` means the default 0.01).
-    """
+    _factor_name: ClassVar[str]
+
+    def _factors(self) -> dict[str, float]:
+        return {self._factor_name: getattr(self, self._factor_name)}
+
+    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
+        return _penalty(weight, **self._factors())
+
+    def get_config(self) -> dict[str, Any]:
+        return self._factors()
+
+
+@_REGISTRY.register("l1")
+class L1(_OneFactor):
+    """L1 penalty: ``l1 * sum(abs(w))``; ``l1`` a non-negative finite factor (``None``: 0.01)."""
+
+    _factor_name = "l1"
 
     def __init__(self, l1: float | None = 0.01) -> None:
         self.l1 = _factor(l1, "l1", 0.01)
 
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return _penalty(weight, self.l1, 0.0)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l1": self.l1}
-
 
 @_REGISTRY.register("l2")
-class L2(Regularizer):
-    """L2 penalty: ``l2 * sum(w**2)`` (no factor 1/2).
+class L2(_OneFactor):
+    """L2 penalty: ``l2 * sum(w**2)`` (no factor 1/2); ``l2`` a non-negative finite factor
+    (``None``: 0.01)."""
 
-    Args:
-        l2: Non-negative finite factor (``None`` means the default 0.01).
-    """
+    _factor_name = "l2"
 
     def __init__(self, l2: float | None = 0.01) -> None:
         self.l2 = _factor(l2, "l2", 0.01)
-
-    def __call__(self, weight: torch.Tensor) -> torch.Tensor:
-        return _penalty(weight, 0.0, self.l2)
-
-    def get_config(self) -> dict[str, Any]:
-        return {"l2": self.l2}
 
 
 @_REGISTRY.register("l1l2")
