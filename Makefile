@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test test-fast bench clean
+.PHONY: demo test test-fast lint bench clean
 
 $(INSTALLED): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,12 +15,20 @@ $(INSTALLED): pyproject.toml constraints.txt
 demo: $(INSTALLED)
 	$(PY) -m batchnorm demo
 
-test: $(INSTALLED)
+# Every test, after the linter and the format check (ruff, configured in pyproject.toml).
+test: lint
 	$(PY) -m pytest
 
 # Without the tests that start processes (distributed) or take seconds each (slow).
-test-fast: $(INSTALLED)
+test-fast: lint
 	$(PY) -m pytest -m "not distributed and not slow"
+
+lint: $(INSTALLED)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+bench: $(INSTALLED)
+	$(PY) -m batchnorm bench
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info .pytest_cache
