@@ -45,6 +45,7 @@ TRUSTED_RATIO_KERNEL = 2.0**16
 TRUSTED_RATIO_ROW_GROUPS = 16.0
 TRUSTED_RATIO_CHANNEL_SUMS = 4.0
 TRUSTED_RATIO_FOLDED_TERM = 4.0
+CHANNEL_SUMS_MAX_ROW = 2**16
 
 BELOW, ABOVE = 0.99, 1.01  # the ratio tests' data: 1 % below or above the constant
 LARGE_OFFSET = 1e4  # with spread 1: mean**2 / var = 1e8
@@ -518,26 +519,38 @@ def test_gamma_beta_and_input_gradients_on_each_path(routes, shape, axis, dtype,
 # strict: each fails once fixed, so that its mark goes.
 
 
-@pytest.mark.xfail(strict=True, reason="16-bit (A, C, B) views are blocked along A only: B > 2**18 is one call")
 def test_block_elements_16_bit_bounds_every_call_also_for_a_long_inner_dimension(routes):
-    # A bfloat16 (1, 1, 2**22) view (e.g. batch 1, one channel, 2048 x 2048, axis 1): A = 1 leaves
-    # nothing to split, and the kernel sums 2**22 values per channel in one call, whose variance
-    # errs by 3.3e-4 (the "4e-4 at 2**22" of _kernels); the same values as (16, 1, 2**18) blocks:
-    # 2.6e-6. Wanted: what the constant promises for 2**18 elements, 1.1e-5 (measured 1.5e-5).
+    # A bfloat16 (1, 1, 2**22) view (e.g. batch 1, one channel, 2048 x 2048, axis 1) has no rows
+    # to split along A: its blocks run along B. Taken in one call its variance errs by 3.3e-4 (the
+    # "4e-4 at 2**22" of _kernels); wanted: what the constant promises for 2**18 elements, 1.1e-5.
     x = _random((1, 1, 2**22), torch.bfloat16)
     _check_statistics(x, x, 1, rtol=5e-5, mean_atol=1e-5)
+    assert len(routes.kernel) == 16
     assert all(_per_channel_elements(call) <= BLOCK_ELEMENTS_16_BIT for call in routes.kernel)
 
 
-@pytest.mark.xfail(strict=True, reason="masked one-pass channel sums lose accuracy on a long inner dimension")
-def test_masked_channel_sums_stay_accurate_for_a_long_inner_dimension(routes):
+# ---------------------------------------------------------------------- CHANNEL_SUMS_MAX_ROW
+
+
+@pytest.mark.parametrize("length", [CHANNEL_SUMS_MAX_ROW, CHANNEL_SUMS_MAX_ROW + 1])
+def test_channel_sums_max_row_sends_long_rows_to_the_two_pass_sums(routes, length):
+    # The one-pass masked sums add each row of an (A, C, B) view up in float32: rows of up to
+    # 2**16 take them, longer ones the corrected two-pass sums. Right on both sides.
+    x = _random((2, 1, length))
+    mask = torch.rand(2, length, generator=torch.Generator().manual_seed(1)) < 0.9
+    _check_statistics(x, x, 1, mask, rtol=5e-5, mean_atol=1e-5)
+    assert len(routes.channel_sums) == (1 if length <= CHANNEL_SUMS_MAX_ROW else 0)
+    assert len(routes.masked_moments) == (0 if length <= CHANNEL_SUMS_MAX_ROW else 1)
+
+
+def test_masked_statistics_stay_accurate_for_a_long_inner_dimension(routes):
     # A masked float32 (1, 1, 2**22) view of ratio 0.56, far below TRUSTED_RATIO_CHANNEL_SUMS: the
-    # native pass's float32 sums along B give a variance 2.6e-4 off (3.3e-5 for (4, 1, 2**20),
-    # 5e-7 for (64, 1, 2**16)); unmasked, the same data errs by 4e-8. Wanted: the 5e-5 that the
-    # constant's measurement promises up to ratio 4.
+    # one-pass float32 sums along B would give a variance 2.6e-4 off (unmasked: 4e-8). Wanted: the
+    # 5e-5 that the constant's measurement promises up to ratio 4.
     x = _random((1, 1, 2**22))
     mask = torch.rand(1, 2**22, generator=torch.Generator().manual_seed(1)) < 0.9
     _check_statistics(x, x, 1, mask, rtol=5e-5, mean_atol=1e-5)
+    assert not routes.channel_sums and len(routes.masked_moments) == 1
 
 
 # ------------------------------------------------- masked large-offset synchronized statistics

@@ -34,8 +34,11 @@ BLOCK_ELEMENTS_16_BIT = 2**18
 TRUSTED_RATIO_KERNEL = 2.0**16
 # The same on float32 (M, C) row groups: at ratio 16 the mean is within 6e-6 sd.
 TRUSTED_RATIO_ROW_GROUPS = 2.0**4
-# The one-pass masked sums E[x**2] - E[x]**2: 5e-5 at ratio 4, 3e-3 at ratio 256.
+# The one-pass masked sums E[x**2] - E[x]**2: 5e-5 at ratio 4, 3e-3 at ratio 256 (rows of 2**16).
 TRUSTED_RATIO_CHANNEL_SUMS = 4.0
+# ... and they add each row of an (A, C, B) view up in float32: at ratio 0.56 the variance errs by
+# 5e-7 with rows of 2**16, 3.3e-5 with 2**20, 2.6e-4 with 2**22; longer rows take the two-pass sums.
+CHANNEL_SUMS_MAX_ROW = 2**16
 # The masked backward's one-pass term x * slope + offset loses a few ulps at most up to this ratio.
 TRUSTED_RATIO_FOLDED_TERM = 4.0
 
@@ -123,12 +126,16 @@ def moments(view: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
     return mean.to(dtype), var.to(dtype)
 
 
-def _block_size(view: Tensor) -> int | None:
-    """Rows (along dimension 0) per block of a 16-bit ``(A, C, B)`` CPU view, or ``None`` for one call."""
+def _blocks_16_bit(view: Tensor) -> list[Tensor] | None:
+    """A 16-bit ``(A, C, B)`` CPU view in blocks of at most ``BLOCK_ELEMENTS_16_BIT`` elements per
+    channel (along ``A``, and along ``B`` where one row is longer), or ``None`` where one call is accurate."""
     if view.device.type != "cpu" or view.dim() == 2 or view.dtype not in (torch.float16, torch.bfloat16):
         return None
-    size = max(1, BLOCK_ELEMENTS_16_BIT // view.shape[2])
-    return size if view.shape[0] > size else None
+    if view.shape[0] * view.shape[2] <= BLOCK_ELEMENTS_16_BIT:
+        return None
+    length = min(view.shape[2], BLOCK_ELEMENTS_16_BIT)
+    rows = max(1, BLOCK_ELEMENTS_16_BIT // length)
+    return [block for part in view.split(rows) for block in part.split(length, dim=2)]
 
 
 def _kernel_statistics(view: Tensor) -> tuple[Tensor, Tensor]:
@@ -140,10 +147,9 @@ def _kernel_statistics(view: Tensor) -> tuple[Tensor, Tensor]:
     """
     if view.dim() == 2 and view.shape[0] > ROW_GROUP_ROWS and view.device.type == "cpu":
         return _row_group_statistics(view)
-    if block_size := _block_size(view):
-        blocks = view.split(block_size)
+    if blocks := _blocks_16_bit(view):
         means, variances = zip(*map(_kernel_statistics, blocks))
-        counts = torch.tensor([len(block) for block in blocks], dtype=torch.float64, device=view.device)
+        counts = torch.tensor([block[:, 0].numel() for block in blocks], dtype=torch.float64, device=view.device)
         mean, var = combine_statistics(counts, torch.stack(means), torch.stack(variances))
         return mean.to(means[0].dtype), var.to(means[0].dtype)
     scratch = None  # same-dtype inputs need no running buffers; 16-bit ones get float32 answers from them
@@ -260,7 +266,7 @@ def masked_statistics(view: Tensor, inside: Tensor) -> tuple[Tensor, Tensor, Ten
 
     * channels last (``(M, C)``): the masked-in elements are whole rows; gathered, they are an
       ordinary batch for :func:`statistics`;
-    * other axes of a contiguous view: the input times the 0/1 mask (one temporary; far faster
+    * other axes of a contiguous view with rows of at most ``CHANNEL_SUMS_MAX_ROW``: the input times the 0/1 mask (one temporary; far faster
       than ``where`` on CPU) and one fused native pass for ``sum(x)`` and ``sum(x**2)``, checked
       (a masked-out NaN or Inf passes the product, and fails the check).
 
@@ -273,7 +279,7 @@ def masked_statistics(view: Tensor, inside: Tensor) -> tuple[Tensor, Tensor, Ten
             if len(rows):
                 mean, var, valid = statistics(rows)
                 return mean, var, len(rows), valid
-        elif view.is_contiguous() and (n := int(inside.sum().item())) > 0:
+        elif view.is_contiguous() and view.shape[2] <= CHANNEL_SUMS_MAX_ROW and (n := int(inside.sum().item())) > 0:
             sums, sum_squares = _channel_sums(torch.mul(view, inside))
             mean = sums / n
             var = torch.addcmul(sum_squares, sums, mean, value=-1).div_(n)  # may round below 0: not accepted
