@@ -644,3 +644,30 @@ def test_compiled_layer_statistics_of_large_mean_data_match_the_reference(masked
     bn = _layer(shape, -1)
     compiled = torch.compile(bn)
     _check_training(compiled, x, mask, rtol=2e-5, stat_rtol=1e-4, large_offset=True)
+
+
+# ------------------------------------------------------- the route of other devices (CUDA), on CPU
+
+
+@pytest.mark.parametrize("masked", [False, True], ids=["unmasked", "masked"])
+@pytest.mark.parametrize("shape,axis", [((64, 6), -1), ((8, 5, 12), 1), ((4, 3, 5, 6), 2)])
+def test_the_route_of_other_devices_matches_the_reference(monkeypatch, routes, shape, axis, masked):
+    # Off the CPU nothing is read on the host: no accuracy check, the masked two-pass sums always,
+    # `valid` and the count stay tensors, the masked backward always guards masked-out positions.
+    # `_kernels.eager_cpu` False sends CPU tensors down that route (CUDA's kernels aside).
+    monkeypatch.setattr(_kernels, "eager_cpu", lambda t: False)
+    x = _random(shape, offset=3.0)
+    mask = _random_mask(tuple(s for d, s in enumerate(shape) if d != axis % len(shape))) if masked else None
+    bn = _layer(shape, axis)
+    statistics = functional.batch_statistics(*_views(x, axis, mask))
+    assert isinstance(statistics.valid, torch.Tensor) and not routes.checks
+    assert isinstance(statistics.count, torch.Tensor) == masked
+    _check_training(bn, x, mask, rtol=1e-5, stat_rtol=1e-5)
+    assert not routes.checks and not routes.channel_sums
+    assert len(routes.masked_moments) == (2 if masked else 0)
+
+
+def _views(x, axis, mask):
+    axis = axis % x.dim()
+    view = functional.channel_view(x, axis)
+    return view, None if mask is None else functional.mask_view(mask, x.shape, axis)

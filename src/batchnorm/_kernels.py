@@ -68,14 +68,15 @@ def kernel_layout(*tensors: Tensor) -> tuple[Tensor, ...]:
     another layout than the input, their backward on this shape returns wrong values: never mix.)
     :func:`from_kernel_layout` turns a kernel's output back.
     """
-    if all(t.dim() == 2 and t.is_contiguous() for t in tensors) and eager_cpu(tensors[0]):
-        return tuple(t.T[None, :, None, :] for t in tensors)
+    rows, channels = tensors[0].shape if tensors[0].dim() == 2 else (0, 0)
+    if rows and eager_cpu(tensors[0]) and all(t.dim() == 2 and t.is_contiguous() for t in tensors):
+        return tuple(t.T.view(1, channels, 1, rows) for t in tensors)
     return tensors
 
 
 def from_kernel_layout(t: Tensor, view: Tensor) -> Tensor:
     """A kernel's output for :func:`kernel_layout` ``(view, ...)``, shaped like ``view`` again."""
-    return t[0, :, 0].T if t.dim() != view.dim() else t
+    return t.view(view.shape[1], view.shape[0]).T if t.dim() != view.dim() else t
 
 
 def finite_and_accurate(mean: Tensor, var: Tensor, ratio: float) -> bool:

@@ -221,20 +221,20 @@ def batch_statistics(view: Tensor, mask: Tensor | None = None) -> Statistics:
     """
     if _transforms_active():
         return _differentiable_statistics(view, mask)
-    with torch.no_grad():
-        if mask is not None and view.numel() > 0:
-            return Statistics(*_kernels.masked_statistics(view, mask))
-        if view.numel() == 0:
-            zeros = view.new_zeros(view.shape[1], dtype=compute_dtype(view.dtype))
-            return Statistics(zeros, zeros, 0, False)
-        count = view.numel() // view.shape[1]
-        if torch.compiler.is_compiling():
-            # Inductor's float32 reductions accumulate sequentially and lose the mean of
-            # large-offset data: float64 inside the fused reduction (no float64 copy is made).
-            mean, var = _kernels.moments(view, torch.float64)
-            return Statistics(mean, var, count, valid_statistics(mean, var))
-        mean, var, valid = _kernels.statistics(view)
-        return Statistics(mean, var, count, valid)
+    view = view.detach()
+    if mask is not None and view.numel() > 0:
+        return Statistics(*_kernels.masked_statistics(view, mask))
+    if view.numel() == 0:
+        zeros = view.new_zeros(view.shape[1], dtype=compute_dtype(view.dtype))
+        return Statistics(zeros, zeros, 0, False)
+    count = view.numel() // view.shape[1]
+    if torch.compiler.is_compiling():
+        # Inductor's float32 reductions accumulate sequentially and lose the mean of
+        # large-offset data: float64 inside the fused reduction (no float64 copy is made).
+        mean, var = _kernels.moments(view, torch.float64)
+        return Statistics(mean, var, count, valid_statistics(mean, var))
+    mean, var, valid = _kernels.statistics(view)
+    return Statistics(mean, var, count, valid)
 
 
 def _transforms_active() -> bool:
