@@ -31,7 +31,9 @@ def batch_moments(x: Tensor, axis: int, mask: Tensor | None = None) -> tuple[Ten
     return mean, var, count
 
 
-def normalize(x: Tensor, axis: int, mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, epsilon: float) -> Tensor:
+def normalize(
+    x: Tensor, axis: int, mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, epsilon: float
+) -> Tensor:
     """``gamma * (x - mean) / sqrt(var + epsilon) + beta`` in float64, per channel along ``axis``."""
     axis = axis % x.dim()
     shape = _broadcast_shape(x, axis)

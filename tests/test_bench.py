@@ -26,8 +26,14 @@ from batchnorm.bench import (
 )
 
 TIME_KEYS = ("ours_ms", "torch_ms", "keras_ms", "copy_ms", "clone_ms", "ours_unmasked_ms")
-MEMORY_KEYS = ("ours_peak_mib", "torch_peak_mib", "keras_peak_mib", "copy_peak_mib", "clone_peak_mib",
-               "ours_unmasked_peak_mib")
+MEMORY_KEYS = (
+    "ours_peak_mib",
+    "torch_peak_mib",
+    "keras_peak_mib",
+    "copy_peak_mib",
+    "clone_peak_mib",
+    "ours_unmasked_peak_mib",
+)
 RATIOS = {
     "ours_over_torch": "torch_ms",
     "ours_over_keras": "keras_ms",
@@ -58,13 +64,13 @@ def test_one_row_per_case_and_mode_in_order(rows):
 
 def test_times_are_positive_and_finite_where_present(rows):
     for row in rows:
-        expected = {"ours_ms", "copy_ms", "clone_ms", "keras_ms"}   # Keras is a test dependency
+        expected = {"ours_ms", "copy_ms", "clone_ms", "keras_ms"}  # Keras is a test dependency
         expected |= {"ours_unmasked_ms"} if row["case"] == "E" else {"torch_ms"}
         present = {key for key in TIME_KEYS if row[key] is not None}
         assert present == expected, row["case"]
         for key in present:
             assert math.isfinite(row[key]) and row[key] > 0, (row["case"], row["mode"], key)
-        for impl, detail in row["detail"].items():
+        for detail in row["detail"].values():
             assert len(detail["samples_ms"]) == 3
             assert all(math.isfinite(t) and t > 0 for t in detail["samples_ms"])
             assert detail["min_ms"] <= detail["median_ms"] <= detail["max_ms"]
@@ -97,7 +103,7 @@ def test_memory_figures(rows):
         assert row["copy_peak_mib"] == 0
         # Every implementation returns a fresh output of the input's size.
         assert row["ours_peak_mib"] >= row["input_mib"]
-        if row["mode"] == "training_backward":   # output and input gradient at least
+        if row["mode"] == "training_backward":  # output and input gradient at least
             assert row["ours_peak_mib"] >= 2 * row["input_mib"]
 
 
@@ -112,14 +118,29 @@ def test_format_table_lists_every_row(rows):
         (c, label) for c in "BEF" for label in ("infer fwd", "train fwd", "train fwd+bwd")
     ]
     assert "masked / unmasked" in text
-    assert format_table(rows).count("\n") < text.count("\n")   # without the header lines
+    assert format_table(rows).count("\n") < text.count("\n")  # without the header lines
 
 
 def test_command_line_run_writes_loadable_json(tmp_path, capsys):
     path = tmp_path / "sub" / "bench.json"
-    args = _parser().parse_args(["--quick", "--cases", "C", "--modes", "inference,training",
-                                 "--repeats", "2", "--warmup", "0", "--threads", "1", "--no-keras",
-                                 "--json", str(path)])
+    args = _parser().parse_args(
+        [
+            "--quick",
+            "--cases",
+            "C",
+            "--modes",
+            "inference,training",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--no-keras",
+            "--json",
+            str(path),
+        ]
+    )
     result = run(args)
     out = capsys.readouterr().out
     assert "train fwd" in out and "ours/torch" in out
@@ -140,12 +161,28 @@ def test_threads_are_restored():
     assert torch.get_num_threads() == before
 
 
-@pytest.mark.distributed   # re-executes the benchmark in a subprocess
+@pytest.mark.distributed  # re-executes the benchmark in a subprocess
 def test_tuned_malloc_reruns_with_the_settings_recorded(tmp_path):
     path = tmp_path / "tuned.json"
-    args = _parser().parse_args(["--tuned-malloc", "--quick", "--cases", "C", "--modes", "training",
-                                 "--repeats", "2", "--warmup", "0", "--threads", "1", "--no-keras",
-                                 "--json", str(path)])
+    args = _parser().parse_args(
+        [
+            "--tuned-malloc",
+            "--quick",
+            "--cases",
+            "C",
+            "--modes",
+            "training",
+            "--repeats",
+            "2",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--no-keras",
+            "--json",
+            str(path),
+        ]
+    )
     result = run(args)
     assert json.loads(path.read_text()) == result
     allocator = result["header"]["allocator"]
@@ -190,6 +227,7 @@ def test_a_mode_samples_the_same_number_of_calls_each_after_an_untimed_one():
             end = time.perf_counter() + seconds
             while time.perf_counter() < end:  # busy: sleep() overshoots by a millisecond
                 pass
+
         return bench._Entry("training", name, call, bench._nothing, call)
 
     entries = [entry("fast", 0.0003), entry("slow", 0.0012)]

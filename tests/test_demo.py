@@ -7,7 +7,7 @@ import struct
 import pytest
 
 from batchnorm.__main__ import main
-from batchnorm.demo import bn_buffers, build_model, buffers_equal, run_demo
+from batchnorm.demo import bn_buffers, buffers_equal, build_model, run_demo
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -33,16 +33,16 @@ def test_demo_writes_a_valid_png(one_epoch):
     assert width > 500 and height > 200
     import matplotlib.image
 
-    pixels = matplotlib.image.imread(png)          # decodes the whole file
+    pixels = matplotlib.image.imread(png)  # decodes the whole file
     assert pixels.shape[:2] == (height, width)
-    assert pixels.std() > 0.05                     # something was drawn
+    assert pixels.std() > 0.05  # something was drawn
 
 
 def test_demo_frozen_backbone_keeps_its_moving_statistics(one_epoch):
     _, result = one_epoch
     assert result["frozen_unchanged"] is True
     assert result["frozen_weights_unchanged"] is True
-    assert result["frozen_buffers_checked"] == 8   # 4 layers x (moving_mean, moving_variance)
+    assert result["frozen_buffers_checked"] == 8  # 4 layers x (moving_mean, moving_variance)
 
 
 def test_demo_learns(one_epoch):
@@ -50,8 +50,8 @@ def test_demo_learns(one_epoch):
     # After one epoch the moving statistics still remember their initial values (momentum 0.99
     # averages over ~100 steps, an epoch is 84), so inference-mode accuracy may still be near
     # chance; the network's accuracy with batch statistics is the measure of learning here.
-    assert result["train_mode_accuracy_full_batch"] > 0.6       # chance: 0.1
-    assert result["history"]["train_loss"][0] < 2.2            # ln(10) = 2.30 at chance
+    assert result["train_mode_accuracy_full_batch"] > 0.6  # chance: 0.1
+    assert result["history"]["train_loss"][0] < 2.2  # ln(10) = 2.30 at chance
     for key in ("test_accuracy", "train_mode_accuracy_small_batch", "finetune_accuracy"):
         assert 0.0 <= result[key] <= 1.0
     assert result["epochs"] == 1 and len(result["history"]["test_accuracy"]) == 1
@@ -61,7 +61,7 @@ def test_buffers_equal_detects_a_one_ulp_change():
     import torch
 
     model = build_model()
-    model(torch.rand(4, 8, 8, 1))                   # builds, and (train mode) updates the buffers
+    model(torch.rand(4, 8, 8, 1))  # builds, and (train mode) updates the buffers
     before = bn_buffers(model)
     assert buffers_equal(before, bn_buffers(model))
     layer = model[0][1]

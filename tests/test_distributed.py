@@ -30,23 +30,23 @@ from batchnorm import BatchNormalization, distributed
 from batchnorm.__main__ import main
 from batchnorm.testing import free_port, run_local_group
 
-TIMEOUT_S = 60        # the groups' collective timeout, generous: the machine may be loaded
-SHORT_TIMEOUT_S = 5   # for the tests of a peer that leaves
-DEADLINE_S = 240      # processes still running by then fail the test instead of hanging it
+TIMEOUT_S = 60  # the groups' collective timeout, generous: the machine may be loaded
+SHORT_TIMEOUT_S = 5  # for the tests of a peer that leaves
+DEADLINE_S = 240  # processes still running by then fail the test instead of hanging it
 CHANNELS, STEPS = 5, 3
 
-pytestmark = pytest.mark.distributed   # every test here starts processes or uses torch.distributed
+pytestmark = pytest.mark.distributed  # every test here starts processes or uses torch.distributed
 
 
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One synchronized call against the single-process reference."""
 
-    axis: int = -1                      # -1: (N, T, C); 1: (N, C, T)
+    axis: int = -1  # -1: (N, T, C); 1: (N, C, T)
     dtype: torch.dtype = torch.float32
-    mask: str | None = None             # None, "random", "first shard out" or "all out"
-    offset: float = 1.0                 # the data's mean (a large one tests the stability)
-    nan: bool = False                   # a NaN in channel 1 of the last row
+    mask: str | None = None  # None, "random", "first shard out" or "all out"
+    offset: float = 1.0  # the data's mean (a large one tests the stability)
+    nan: bool = False  # a NaN in channel 1 of the last row
 
     def __str__(self) -> str:
         return ", ".join(f"{f.name}={getattr(self, f.name)}" for f in dataclasses.fields(self))
@@ -59,8 +59,8 @@ CASES = (
     Case(axis=1, mask="random"),
     Case(dtype=torch.bfloat16),
     Case(dtype=torch.bfloat16, axis=1, mask="random"),
-    Case(mask="first shard out"),       # a rank whose shard has no masked-in element
-    Case(mask="all out"),               # no element in the whole group: moving statistics
+    Case(mask="first shard out"),  # a rank whose shard has no masked-in element
+    Case(mask="all out"),  # no element in the whole group: moving statistics
     Case(offset=1e4),
     Case(nan=True),
 )
@@ -77,8 +77,14 @@ def _assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str, slack
         return
     relative = 2.0**-6 if expected.dtype == torch.bfloat16 else 1e-5
     scale = expected.float().nan_to_num(0.0, 0.0, 0.0).abs().max().item()
-    torch.testing.assert_close(actual, expected, rtol=relative, atol=relative * scale + slack, equal_nan=True,
-                               msg=lambda message: f"{what}: {message}")
+    torch.testing.assert_close(
+        actual,
+        expected,
+        rtol=relative,
+        atol=relative * scale + slack,
+        equal_nan=True,
+        msg=lambda message: f"{what}: {message}",
+    )
 
 
 def _bounds(sizes: list[int], rank: int) -> slice:
@@ -108,7 +114,7 @@ def _global_batch(case: Case, sizes: list[int]):
 def _layer(case: Case, shape: torch.Size, synchronized: bool) -> BatchNormalization:
     layer = BatchNormalization(axis=case.axis, momentum=0.8, synchronized=synchronized)
     layer.build(shape)
-    with torch.no_grad():   # nothing at its default, so that every term shows
+    with torch.no_grad():  # nothing at its default, so that every term shows
         layer.gamma.copy_(torch.linspace(0.5, 2.0, CHANNELS))
         layer.beta.copy_(torch.linspace(-1.0, 1.0, CHANNELS))
         layer.moving_mean.copy_(torch.linspace(-0.5, 0.5, CHANNELS))
@@ -130,7 +136,7 @@ def _check_against_one_process(case: Case, sizes: list[int]) -> None:
     y_mine = synchronized(x_mine, training=True, mask=None if mask is None else mask[shard])
     y_mine.backward(upstream[shard])
     parameter_grads = torch.stack([synchronized.gamma.grad, synchronized.beta.grad])
-    dist.all_reduce(parameter_grads)   # what DDP does to them
+    dist.all_reduce(parameter_grads)  # what DDP does to them
 
     where = f"rank {dist.get_rank()}, shards {sizes}, {case}"
     # Both means are float32 roundings of the same number: one unit in their last place moves
@@ -139,8 +145,12 @@ def _check_against_one_process(case: Case, sizes: list[int]) -> None:
     slack = abs(case.offset) * 2.0**-23
     _assert_close(y_mine, y_all[shard].detach(), f"output ({where})", slack)
     _assert_close(x_mine.grad, x_all.grad[shard], f"input gradient ({where})", slack)
-    _assert_close(parameter_grads[0], reference.gamma.grad, f"gamma gradient ({where})",
-                  slack * reference.beta.grad.nan_to_num(0.0).abs().max().item())
+    _assert_close(
+        parameter_grads[0],
+        reference.gamma.grad,
+        f"gamma gradient ({where})",
+        slack * reference.beta.grad.nan_to_num(0.0).abs().max().item(),
+    )
     _assert_close(parameter_grads[1], reference.beta.grad, f"beta gradient ({where})")
     for name in ("moving_mean", "moving_variance"):
         _assert_close(getattr(synchronized, name), getattr(reference, name), f"{name} ({where})")
@@ -164,6 +174,7 @@ def _counting_collectives():
         def call(*args, **kwargs):
             counts[kinds[name]] += 1
             return originals[name](*args, **kwargs)
+
         return call
 
     for name in originals:
@@ -179,10 +190,10 @@ def _check_collectives_per_call() -> None:
     """One gather in a training forward, one all-reduce in its backward, none in inference."""
     rank = dist.get_rank()
     layer = BatchNormalization(synchronized=True)
-    x = torch.randn(4 + rank, 11, requires_grad=True)   # a channel count no other check uses
+    x = torch.randn(4 + rank, 11, requires_grad=True)  # a channel count no other check uses
     with _counting_collectives() as calls:
         layer(x, training=True)
-    assert calls == {"all_reduce": 1, "all_gather": 1}, calls   # the layout check, once
+    assert calls == {"all_reduce": 1, "all_gather": 1}, calls  # the layout check, once
     with _counting_collectives() as calls:
         y = layer(x, training=True)
     assert calls == {"all_gather": 1}, calls
@@ -194,8 +205,8 @@ def _check_collectives_per_call() -> None:
         layer.eval()(x)
         with torch.no_grad():
             layer.train()(x)
-    assert calls == {"all_gather": 1}, calls   # only the training call
-    with _counting_collectives() as calls:   # on data: only gamma/beta need gradients, all local
+    assert calls == {"all_gather": 1}, calls  # only the training call
+    with _counting_collectives() as calls:  # on data: only gamma/beta need gradients, all local
         layer(x.detach(), training=True).sum().backward()
     assert calls == {"all_gather": 1}, calls
 
@@ -206,7 +217,7 @@ def _check_disagreements_raise() -> None:
     layer = BatchNormalization(synchronized=True)
     with pytest.raises(ValueError, match=rf"channel count from 7 to 8 \(this rank: {7 + rank}\)"):
         layer(torch.randn(5, 7 + rank), training=True)
-    assert torch.equal(layer.moving_mean, torch.zeros(7 + rank))      # nothing was written
+    assert torch.equal(layer.moving_mean, torch.zeros(7 + rank))  # nothing was written
     assert torch.equal(layer.moving_variance, torch.ones(7 + rank))
     dtype = torch.float64 if rank == 0 else torch.float32
     with pytest.raises(ValueError, match=r"statistics bits from 32 to 64"):
@@ -214,7 +225,7 @@ def _check_disagreements_raise() -> None:
     # The group still works afterwards.
     layer = BatchNormalization(synchronized=True)
     layer(torch.full((2, 4), float(rank)), training=True)
-    torch.testing.assert_close(layer.moving_mean, torch.full((4,), 0.005))   # 0.01 * mean of 0, 0, 1, 1
+    torch.testing.assert_close(layer.moving_mean, torch.full((4,), 0.005))  # 0.01 * mean of 0, 0, 1, 1
     # 4 and CHANNELS channels were agreed on by other layers; a caller that names its layer is
     # checked anyway.
     channels = 4 if rank == 0 else CHANNELS
@@ -241,15 +252,18 @@ def _check_ddp_training() -> None:
         target = torch.randint(0, 3, (sum(sizes),), generator=generator)
         shard = _bounds(sizes, dist.get_rank())
         # DDP averages the ranks' gradients: each rank's loss is its share of the whole batch's mean.
-        losses = [F.cross_entropy(ddp(x[shard]), target[shard], reduction="sum") * world / sum(sizes),
-                  F.cross_entropy(reference(x), target)]
+        losses = [
+            F.cross_entropy(ddp(x[shard]), target[shard], reduction="sum") * world / sum(sizes),
+            F.cross_entropy(reference(x), target),
+        ]
         for loss, optimizer in zip(losses, optimizers):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
     for (name, mine), theirs in zip(model.state_dict().items(), reference.state_dict().values()):
-        torch.testing.assert_close(mine, theirs, rtol=1e-5, atol=1e-6,
-                                   msg=lambda message: f"{name} after DDP training: {message}")
+        torch.testing.assert_close(
+            mine, theirs, rtol=1e-5, atol=1e-6, msg=lambda message, name=name: f"{name} after DDP training: {message}"
+        )
 
 
 def _two_rank_worker() -> int:
@@ -264,12 +278,12 @@ def _peer_leaves_worker(how: str, done) -> str | None:
     """Rank 1 stops synchronizing after a first exchange; rank 0 must fail, not hang."""
     layer = BatchNormalization(synchronized=True)
     x = torch.randn(4, 3)
-    layer(x, training=True)          # the group works
+    layer(x, training=True)  # the group works
     if dist.get_rank() == 1:
         if how == "dies":
             os._exit(0)
-        layer(x, training=False)     # does not synchronize this call: no collective
-        done.wait(DEADLINE_S)        # alive until rank 0 has given up
+        layer(x, training=False)  # does not synchronize this call: no collective
+        done.wait(DEADLINE_S)  # alive until rank 0 has given up
         return None
     try:
         with pytest.raises(RuntimeError) as error:
@@ -296,8 +310,7 @@ def test_three_processes_with_an_empty_shard_equal_one_process():
 def test_a_peer_that_leaves_makes_the_others_fail(how):
     """A peer that stops synchronizing gives the group's timeout error; one that dies, a closed connection."""
     done = torch.multiprocessing.get_context("spawn").Event()
-    message, _ = run_local_group(_peer_leaves_worker, 2, how, done,
-                                 timeout_s=SHORT_TIMEOUT_S, deadline_s=DEADLINE_S)
+    message, _ = run_local_group(_peer_leaves_worker, 2, how, done, timeout_s=SHORT_TIMEOUT_S, deadline_s=DEADLINE_S)
     if how == "stays out":
         assert "timed out" in message.lower(), message
     else:
@@ -348,9 +361,20 @@ def test_bench_sync_times_both_training_modes_on_every_rank(tmp_path, capsys):
 
 
 def test_the_ddp_example_runs_under_torchrun():
-    command = [sys.executable, "-m", "torch.distributed.run", "--master-port", str(free_port()),
-               "--nproc-per-node", "2", "examples/ddp_cpu.py", "--epochs", "1"]
-    result = subprocess.run(command, cwd=Path(__file__).parent.parent, capture_output=True, text=True,
-                            timeout=DEADLINE_S)
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--master-port",
+        str(free_port()),
+        "--nproc-per-node",
+        "2",
+        "examples/ddp_cpu.py",
+        "--epochs",
+        "1",
+    ]
+    result = subprocess.run(
+        command, cwd=Path(__file__).parent.parent, capture_output=True, text=True, timeout=DEADLINE_S
+    )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "OK: every synchronized DDP step matches one process on the whole batch" in result.stdout

@@ -9,9 +9,9 @@ import re
 
 import pytest
 import torch
+from state import assert_state_equal, assert_unbuilt, snapshot
 
 from batchnorm import BatchNormalization
-from state import assert_state_equal, assert_unbuilt, snapshot
 
 
 def built_layer(shape=(2, 3, 4, 5), axis=1, **kwargs) -> BatchNormalization:
@@ -154,7 +154,9 @@ def test_bad_dtype(dtype):
 # --------------------------------------------------------------------------------- call: axis
 
 
-@pytest.mark.parametrize("axis,shape", [(2, (3, 4)), (-3, (3, 4)), (1, (5,)), (-2, (5,)), (4, (2, 3, 4, 5)), (-5, (2, 3, 4, 5))])
+@pytest.mark.parametrize(
+    "axis,shape", [(2, (3, 4)), (-3, (3, 4)), (1, (5,)), (-2, (5,)), (4, (2, 3, 4, 5)), (-5, (2, 3, 4, 5))]
+)
 @pytest.mark.parametrize("training", [True, False])
 def test_axis_out_of_range_names_axis_and_shape_and_builds_nothing(axis, shape, training):
     bn = BatchNormalization(axis=axis)

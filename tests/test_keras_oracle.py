@@ -182,10 +182,17 @@ def _grid():
                     rng = random.Random(_seed("grid", rank, axis, center, scale))
                     momentum = rng.uniform(0.0, 1.0)
                     epsilon = 10 ** rng.uniform(-5, -1)
-                    cases.append(pytest.param(
-                        rank, axis, center, scale, momentum, epsilon,
-                        id=f"rank{rank}-axis{axis}-{'c' if center else 'noc'}-{'s' if scale else 'nos'}",
-                    ))
+                    cases.append(
+                        pytest.param(
+                            rank,
+                            axis,
+                            center,
+                            scale,
+                            momentum,
+                            epsilon,
+                            id=f"rank{rank}-axis{axis}-{'c' if center else 'noc'}-{'s' if scale else 'nos'}",
+                        )
+                    )
     # The ends of the momentum range.
     cases.append(pytest.param(3, -1, True, True, 0.0, 1e-3, id="momentum0"))
     cases.append(pytest.param(4, 1, True, True, 1.0, 1e-3, id="momentum1"))
@@ -264,8 +271,11 @@ def test_integer_and_bool_inputs_match_keras(dtype):
     k_layer, o_layer = make_pair((8, 3), momentum=0.5, epsilon=1e-2)
     set_state(k_layer, o_layer, random_state(3, generator))
     for step in range(2):
-        x = torch.randint(0, 2, (8, 3), generator=generator) if dtype == torch.bool else \
-            torch.randint(0, 7, (8, 3), generator=generator) - (0 if dtype == torch.uint8 else 3)
+        x = (
+            torch.randint(0, 2, (8, 3), generator=generator)
+            if dtype == torch.bool
+            else torch.randint(0, 7, (8, 3), generator=generator) - (0 if dtype == torch.uint8 else 3)
+        )
         x = x.to(dtype)
         with torch.no_grad():
             y_o, y_k = o_layer(x, training=True), k_layer(x, training=True)
@@ -329,7 +339,9 @@ def test_masked_training_matches_keras(input_shape, mask_shape, kind):
     for step in range(STEPS):
         x = random_input(input_shape, generator)
         mask = random_mask(input_shape, mask_shape, kind, generator)
-        compare_call(k_layer, o_layer, x, generator, training=True, mask=mask, kind="masked_output", what=f"step {step}")
+        compare_call(
+            k_layer, o_layer, x, generator, training=True, mask=mask, kind="masked_output", what=f"step {step}"
+        )
         assert_same_state(k_layer, o_layer, f"after masked step {step}")
     # The mask matters (unless it is all True): masked statistics differ from unmasked ones.
     x = random_input(input_shape, generator)
@@ -342,7 +354,9 @@ def test_masked_training_matches_keras(input_shape, mask_shape, kind):
     assert moved_the_same == bool((mask != 0).all())
 
 
-@pytest.mark.parametrize("input_shape, mask_shape", MASK_SHAPES[1::2], ids=[f"{i}-mask{m}" for i, m in MASK_SHAPES[1::2]])
+@pytest.mark.parametrize(
+    "input_shape, mask_shape", MASK_SHAPES[1::2], ids=[f"{i}-mask{m}" for i, m in MASK_SHAPES[1::2]]
+)
 def test_inference_with_mask_equals_inference_without(input_shape, mask_shape):
     generator = torch.Generator().manual_seed(_seed("inference-mask", input_shape, mask_shape))
     k_layer, o_layer = make_pair(input_shape, momentum=0.7, epsilon=1e-3)
@@ -384,7 +398,9 @@ def test_not_trainable_trains_as_inference(how, shape, axis, masked):
     mask = random_mask(shape, shape[:-1], "bool", generator) if masked else None
     for step in range(2):
         x = random_input(shape, generator)
-        y = compare_call(k_layer, o_layer, x, generator, training=True, mask=mask, kind="frozen_output", what=f"step {step}")
+        y = compare_call(
+            k_layer, o_layer, x, generator, training=True, mask=mask, kind="frozen_output", what=f"step {step}"
+        )
         with torch.no_grad():
             torch.testing.assert_close(y.detach(), o_layer(x, training=False), rtol=0, atol=0)
         assert_same_state(k_layer, o_layer, f"frozen step {step}")
@@ -430,27 +446,46 @@ def _variant_kwargs(variant: str, lib) -> dict:
     if variant == "no_scale_no_center_axis0":
         return dict(axis=0, center=False, scale=False)
     if variant == "initializers_by_name":
-        return dict(gamma_initializer="random_normal", beta_initializer="random_uniform",
-                    moving_mean_initializer="ones", moving_variance_initializer="zeros")
+        return dict(
+            gamma_initializer="random_normal",
+            beta_initializer="random_uniform",
+            moving_mean_initializer="ones",
+            moving_variance_initializer="zeros",
+        )
     if variant == "more_initializers_by_name":
-        return dict(gamma_initializer="glorot_uniform", beta_initializer="he_normal",
-                    moving_mean_initializer="truncated_normal", moving_variance_initializer="lecun_uniform")
+        return dict(
+            gamma_initializer="glorot_uniform",
+            beta_initializer="he_normal",
+            moving_mean_initializer="truncated_normal",
+            moving_variance_initializer="lecun_uniform",
+        )
     if variant == "more_initializers_by_object":
-        return dict(gamma_initializer=lib.initializers.RandomUniform(minval=0.5, maxval=2.0, seed=3),
-                    beta_initializer=lib.initializers.TruncatedNormal(mean=1.0, stddev=0.2, seed=4),
-                    moving_mean_initializer=lib.initializers.VarianceScaling(scale=2.0, mode="fan_avg", distribution="uniform", seed=5),
-                    moving_variance_initializer=lib.initializers.Ones())
+        return dict(
+            gamma_initializer=lib.initializers.RandomUniform(minval=0.5, maxval=2.0, seed=3),
+            beta_initializer=lib.initializers.TruncatedNormal(mean=1.0, stddev=0.2, seed=4),
+            moving_mean_initializer=lib.initializers.VarianceScaling(
+                scale=2.0, mode="fan_avg", distribution="uniform", seed=5
+            ),
+            moving_variance_initializer=lib.initializers.Ones(),
+        )
     if variant == "initializers_by_object":
-        return dict(gamma_initializer=lib.initializers.Constant(2.0), beta_initializer=lib.initializers.RandomNormal(seed=1),
-                    moving_mean_initializer=lib.initializers.Constant(-0.5),
-                    moving_variance_initializer=lib.initializers.Constant(1.5))
+        return dict(
+            gamma_initializer=lib.initializers.Constant(2.0),
+            beta_initializer=lib.initializers.RandomNormal(seed=1),
+            moving_mean_initializer=lib.initializers.Constant(-0.5),
+            moving_variance_initializer=lib.initializers.Constant(1.5),
+        )
     if variant == "regularizers":
         return dict(gamma_regularizer="l2", beta_regularizer=lib.regularizers.L1L2(l1=0.01, l2=0.02))
     if variant == "constraints":
         return dict(gamma_constraint="max_norm", beta_constraint=lib.constraints.NonNeg())
     if variant == "more_constraints":
-        return dict(gamma_constraint=lib.constraints.MinMaxNorm(min_value=0.5, max_value=3.0, rate=0.5),
-                    beta_constraint="unit_norm", gamma_regularizer=lib.regularizers.L1(0.2), beta_regularizer="l1l2")
+        return dict(
+            gamma_constraint=lib.constraints.MinMaxNorm(min_value=0.5, max_value=3.0, rate=0.5),
+            beta_constraint="unit_norm",
+            gamma_regularizer=lib.regularizers.L1(0.2),
+            beta_regularizer="l1l2",
+        )
     if variant == "float64":
         return dict(dtype="float64", axis=-2)
     if variant in ("mixed_float16", "mixed_bfloat16", "float16"):
@@ -461,8 +496,22 @@ def _variant_kwargs(variant: str, lib) -> dict:
 
 
 CONFIG_VARIANTS = [
-    "defaults", "axis1_momentum_epsilon", "no_center", "no_scale_no_center_axis0", "initializers_by_name",
-    "initializers_by_object", "more_initializers_by_name", "more_initializers_by_object", "regularizers", "constraints", "more_constraints", "float64", "mixed_float16", "mixed_bfloat16", "float16", "not_trainable",
+    "defaults",
+    "axis1_momentum_epsilon",
+    "no_center",
+    "no_scale_no_center_axis0",
+    "initializers_by_name",
+    "initializers_by_object",
+    "more_initializers_by_name",
+    "more_initializers_by_object",
+    "regularizers",
+    "constraints",
+    "more_constraints",
+    "float64",
+    "mixed_float16",
+    "mixed_bfloat16",
+    "float16",
+    "not_trainable",
 ]
 CONFIG_SHAPE = (4, 3, 5)
 
@@ -534,13 +583,39 @@ def test_configs_load_across_and_compute_the_same(variant):
     set_state(k_from_ours, o_from_keras, random_state(CONFIG_SHAPE[axis], generator))
     for step in range(2):
         x = random_input(CONFIG_SHAPE, generator, dtype)
-        compare_call(k_from_ours, o_from_keras, x, generator, training=True, kind=f"config_output_{dtype}",
-                     what=f"{variant} step {step}", rtol=rtol, atol=atol)
-        assert_agree(o_from_keras.moving_mean, keras_param(k_from_ours, "moving_mean"), "moving_stats", rtol=rtol, atol=atol)
-        assert_agree(o_from_keras.moving_variance, keras_param(k_from_ours, "moving_variance"), "moving_stats", rtol=rtol, atol=atol)
+        compare_call(
+            k_from_ours,
+            o_from_keras,
+            x,
+            generator,
+            training=True,
+            kind=f"config_output_{dtype}",
+            what=f"{variant} step {step}",
+            rtol=rtol,
+            atol=atol,
+        )
+        assert_agree(
+            o_from_keras.moving_mean, keras_param(k_from_ours, "moving_mean"), "moving_stats", rtol=rtol, atol=atol
+        )
+        assert_agree(
+            o_from_keras.moving_variance,
+            keras_param(k_from_ours, "moving_variance"),
+            "moving_stats",
+            rtol=rtol,
+            atol=atol,
+        )
     x = random_input(CONFIG_SHAPE, generator, dtype)
-    compare_call(k_from_ours, o_from_keras, x, generator, training=False, kind=f"config_output_{dtype}",
-                 what=f"{variant} inference", rtol=rtol, atol=atol)
+    compare_call(
+        k_from_ours,
+        o_from_keras,
+        x,
+        generator,
+        training=False,
+        kind=f"config_output_{dtype}",
+        what=f"{variant} inference",
+        rtol=rtol,
+        atol=atol,
+    )
 
 
 @pytest.mark.parametrize("axis", [-1, 1])
@@ -557,13 +632,18 @@ def test_float64_inputs_compute_in_float64(axis):
     k_layer, o_layer = make_pair(shape, axis=axis, dtype="float64", momentum=0.8, epsilon=1e-3)
     state = {name: value.double() for name, value in random_state(shape[axis], generator).items()}
     set_state(k_layer, o_layer, state)
-    x = random_input(shape, generator, torch.float64) + torch.randn(shape, generator=generator, dtype=torch.float64) * 1e-3
+    x = (
+        random_input(shape, generator, torch.float64)
+        + torch.randn(shape, generator=generator, dtype=torch.float64) * 1e-3
+    )
     y = compare_call(k_layer, o_layer, x, generator, training=True, kind="float64_output")
     assert y.dtype == torch.float64
     mean, var, _ = batch_moments(x, axis)
     expected = normalize(x, axis, mean, var, state["gamma"], state["beta"], 1e-3)
     torch.testing.assert_close(y.detach(), expected, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(o_layer.moving_variance, state["moving_variance"] * 0.8 + var * 0.2, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(
+        o_layer.moving_variance, state["moving_variance"] * 0.8 + var * 0.2, rtol=1e-12, atol=1e-12
+    )
 
 
 def test_config_of_keras_wrapper_loads():
@@ -610,9 +690,15 @@ REGULARIZER_CASES = [
 def test_regularization_losses_equal_keras(gamma_reg, beta_reg, scale, center):
     shape = (4, 5)
     k_layer, o_layer = make_pair(
-        shape, scale=scale, center=center,
-        keras_kwargs=dict(gamma_regularizer=_regularizer(gamma_reg, keras), beta_regularizer=_regularizer(beta_reg, keras)),
-        ours_kwargs=dict(gamma_regularizer=_regularizer(gamma_reg, batchnorm), beta_regularizer=_regularizer(beta_reg, batchnorm)),
+        shape,
+        scale=scale,
+        center=center,
+        keras_kwargs=dict(
+            gamma_regularizer=_regularizer(gamma_reg, keras), beta_regularizer=_regularizer(beta_reg, keras)
+        ),
+        ours_kwargs=dict(
+            gamma_regularizer=_regularizer(gamma_reg, batchnorm), beta_regularizer=_regularizer(beta_reg, batchnorm)
+        ),
     )
     generator = torch.Generator().manual_seed(_seed("reg", repr(gamma_reg), repr(beta_reg), scale, center))
     state = random_state(5, generator)
@@ -671,7 +757,9 @@ def test_constraint_projections_equal_keras(gamma_c, beta_c):
     k_layer, o_layer = make_pair(
         shape,
         keras_kwargs=dict(gamma_constraint=_constraint(gamma_c, keras), beta_constraint=_constraint(beta_c, keras)),
-        ours_kwargs=dict(gamma_constraint=_constraint(gamma_c, batchnorm), beta_constraint=_constraint(beta_c, batchnorm)),
+        ours_kwargs=dict(
+            gamma_constraint=_constraint(gamma_c, batchnorm), beta_constraint=_constraint(beta_c, batchnorm)
+        ),
     )
     generator = torch.Generator().manual_seed(_seed("constraint", repr(gamma_c), repr(beta_c)))
     state = random_state(6, generator)

@@ -30,11 +30,10 @@ import types
 import pytest
 import torch
 import torch.distributed as dist
+from reference import batch_moments, normalize, training_step
 
 from batchnorm import BatchNormalization, _kernels, functional
 from batchnorm.testing import run_local_group
-
-from reference import batch_moments, normalize, training_step
 
 # The boundaries pinned, written out rather than read from ``_kernels``: retuning a constant
 # there fails its tests here until they are updated with the new measurement.
@@ -249,7 +248,9 @@ def _check_backward_at_own_statistics(bn, x, mask, upstream, dx, dgamma, dbeta, 
     assert bn.momentum == 0.0
     own = _closed_form(x, bn.axis, mask, upstream, bn.gamma, bn.beta, bn.epsilon, bn.moving_mean, bn.moving_variance)
     expected_grads = own[1][rows], own[2], own[3]
-    for got, expected, rtol, what in zip((dx, dgamma, dbeta), expected_grads, (1e-6, 1e-5, 1e-5), ("dx", "dgamma", "dbeta")):
+    for got, expected, rtol, what in zip(
+        (dx, dgamma, dbeta), expected_grads, (1e-6, 1e-5, 1e-5), ("dx", "dgamma", "dbeta")
+    ):
         _assert_near(got, expected, rtol, f"{what} at the layer's own statistics")
 
 
@@ -257,11 +258,16 @@ def _check_moving_statistics(bn, mean_ref, var_ref, rtol: float, mean_slack: flo
     """The moving statistics of a ``momentum=0`` layer, i.e. its batch statistics: the variance
     within ``rtol`` of itself, the mean within ``rtol`` standard deviations (plus ``mean_slack``,
     its float32 rounding) -- not relative to a large mean, which would hide any error."""
-    torch.testing.assert_close(bn.moving_variance.double(), var_ref, rtol=rtol, atol=0.0,
-                               msg=lambda m: f"moving_variance: {m}")
-    torch.testing.assert_close(bn.moving_mean.double(), mean_ref, rtol=0.0,
-                               atol=rtol * var_ref.sqrt().max().item() + mean_slack,
-                               msg=lambda m: f"moving_mean: {m}")
+    torch.testing.assert_close(
+        bn.moving_variance.double(), var_ref, rtol=rtol, atol=0.0, msg=lambda m: f"moving_variance: {m}"
+    )
+    torch.testing.assert_close(
+        bn.moving_mean.double(),
+        mean_ref,
+        rtol=0.0,
+        atol=rtol * var_ref.sqrt().max().item() + mean_slack,
+        msg=lambda m: f"moving_mean: {m}",
+    )
 
 
 def _check_statistics(view, expected_view, axis, mask=None, *, rtol, mean_atol=0.0):
@@ -276,7 +282,10 @@ def _check_statistics(view, expected_view, axis, mask=None, *, rtol, mean_atol=0
     assert int(statistics.count) == int(count[0])
     torch.testing.assert_close(statistics.var.double(), var, rtol=rtol, atol=0.0, msg=lambda m: f"var: {m}")
     torch.testing.assert_close(
-        statistics.mean.double(), mean, rtol=0.0, atol=(mean_atol * var.sqrt()).max().item(),
+        statistics.mean.double(),
+        mean,
+        rtol=0.0,
+        atol=(mean_atol * var.sqrt()).max().item(),
         msg=lambda m: f"mean: {m}",
     )
     return statistics
@@ -347,14 +356,17 @@ def test_row_group_rows_splits_longer_views_into_groups(routes, rows):
     else:
         assert len(routes.row_groups) == 1
         assert [tuple(call.args[0].shape[1:2]) + (_per_channel_elements(call),) for call in routes.kernel] == [
-            (6, 2048), (3, 1)
+            (6, 2048),
+            (3, 1),
         ]
 
 
 # ------------------------------------------------------------------ BLOCK_ELEMENTS_16_BIT
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bfloat16", "float16", "float32"])
+@pytest.mark.parametrize(
+    "dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bfloat16", "float16", "float32"]
+)
 @pytest.mark.parametrize("extra", [0, 1], ids=["2**18", "2**18+B"])
 def test_block_elements_16_bit_splits_larger_16_bit_views_into_blocks(routes, dtype, extra):
     # (A, 2, B) views with B = 1024: A * B = 2**18 elements per channel take one kernel call,

@@ -6,16 +6,14 @@ import io
 
 import pytest
 import torch
+from reference import batch_moments
+from state import assert_state_equal, assert_unbuilt, snapshot
 from torch import nn
 
 import batchnorm
 from batchnorm import BatchNormalization, layer_batch_normalization, set_trainable
 from batchnorm.constraints import NonNeg
 from batchnorm.regularizers import L2
-
-from reference import batch_moments
-from state import assert_state_equal, assert_unbuilt, snapshot
-
 
 # ------------------------------------------------------------------------------------------ build
 
@@ -247,7 +245,7 @@ def test_layer_batch_normalization_three_forms():
 # --------------------------------------------------------------------------------------- compile
 
 
-@pytest.mark.slow   # torch.compile: ~5 s for the first compile in a process
+@pytest.mark.slow  # torch.compile: ~5 s for the first compile in a process
 @pytest.mark.parametrize("masked", [False, True])
 def test_compiled_layer_has_no_graph_breaks_and_matches_eager(masked):
     torch._dynamo.reset()
@@ -281,7 +279,16 @@ def test_compiled_layer_has_no_graph_breaks_and_matches_eager(masked):
     [
         ("float64", torch.float64, "float64"),
         (torch.bfloat16, torch.bfloat16, "bfloat16"),
-        ({"module": "keras", "class_name": "DTypePolicy", "config": {"name": "mixed_float16"}, "registered_name": None}, torch.float32, "mixed_float16"),
+        (
+            {
+                "module": "keras",
+                "class_name": "DTypePolicy",
+                "config": {"name": "mixed_float16"},
+                "registered_name": None,
+            },
+            torch.float32,
+            "mixed_float16",
+        ),
     ],
 )
 def test_from_config_accepts_dtype_as_name_torch_dtype_or_policy_dict(dtype, weight_dtype, policy):
@@ -295,6 +302,8 @@ def test_from_config_accepts_dtype_as_name_torch_dtype_or_policy_dict(dtype, wei
 def test_config_is_json_and_round_trips():
     import json
 
-    layer = BatchNormalization(axis=1, momentum=0.9, epsilon=0.01, gamma_regularizer="l2", beta_constraint="non_neg", name="x")
+    layer = BatchNormalization(
+        axis=1, momentum=0.9, epsilon=0.01, gamma_regularizer="l2", beta_constraint="non_neg", name="x"
+    )
     config = json.loads(json.dumps(layer.get_config()))
     assert BatchNormalization.from_config(config).get_config() == layer.get_config()

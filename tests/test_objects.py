@@ -12,9 +12,9 @@ import keras
 import numpy as np
 import pytest
 import torch
+from keras.src.constraints import ALL_OBJECTS_DICT as KERAS_CONSTRAINT_NAMES
 from keras.src.initializers import ALL_OBJECTS_DICT as KERAS_INITIALIZER_NAMES
 from keras.src.initializers.random_initializers import compute_fans as keras_compute_fans
-from keras.src.constraints import ALL_OBJECTS_DICT as KERAS_CONSTRAINT_NAMES
 from keras.src.regularizers import ALL_OBJECTS_DICT as KERAS_REGULARIZER_NAMES
 
 from batchnorm import constraints as C
@@ -45,11 +45,7 @@ def as_keras_writes(config_dict):
 
 
 def all_names():
-    return [
-        (kind, name)
-        for kind, (ours, _, _) in KINDS.items()
-        for name in ours._REGISTRY.names
-    ]
+    return [(kind, name) for kind, (ours, _, _) in KINDS.items() for name in ours._REGISTRY.names]
 
 
 # -- names and serialization ------------------------------------------------------
@@ -61,8 +57,12 @@ def test_every_name_serializes_as_keras(kind, name):
     mine = ours.serialize(ours.get(name))
     assert mine["module"] == f"keras.{kind}"
     if (kind, name) in KERAS_CANNOT:
-        assert mine == {"module": "keras.initializers", "class_name": "Constant",
-                        "config": {"value": 0.0}, "registered_name": None}
+        assert mine == {
+            "module": "keras.initializers",
+            "class_name": "Constant",
+            "config": {"value": 0.0},
+            "registered_name": None,
+        }
         with pytest.raises(KeyError):
             theirs.get(name)
         return
@@ -86,8 +86,9 @@ def test_public_classes_are_bound_under_their_own_names(kind):
             assert (obj.__module__, obj.__qualname__) == (ours.__name__, name)
 
 
-@pytest.mark.parametrize("name", ["GlorotUniform", "GlorotNormal", "HeNormal", "HeUniform",
-                                  "LecunNormal", "LecunUniform"])
+@pytest.mark.parametrize(
+    "name", ["GlorotUniform", "GlorotNormal", "HeNormal", "HeUniform", "LecunNormal", "LecunUniform"]
+)
 def test_variance_scaling_presets_are_keras_presets(name):
     ours, theirs = getattr(I, name)(), getattr(keras.initializers, name)()
     assert isinstance(ours, I.VarianceScaling)
@@ -100,9 +101,12 @@ KERAS_OBJECTS = [
     ("initializers", keras.initializers.RandomNormal(mean=1, stddev=2.5, seed=5)),
     ("initializers", keras.initializers.TruncatedNormal(mean=-1.0, stddev=0.5, seed=0)),
     ("initializers", keras.initializers.RandomUniform(minval=-2, maxval=3.0, seed=9)),
-    ("initializers", keras.initializers.VarianceScaling(
-        scale=2, mode="fan_out", distribution="uniform", seed=1,
-        input_axes=[0], output_axes=[1])),
+    (
+        "initializers",
+        keras.initializers.VarianceScaling(
+            scale=2, mode="fan_out", distribution="uniform", seed=1, input_axes=[0], output_axes=[1]
+        ),
+    ),
     ("initializers", keras.initializers.VarianceScaling(distribution="normal")),
     ("initializers", keras.initializers.GlorotNormal(seed=4)),
     ("initializers", keras.initializers.HeUniform(input_axes=[0, 1], output_axes=[2])),
@@ -126,17 +130,27 @@ def test_keras_dicts_round_trip(kind, keras_obj):
     assert canonical(theirs.serialize(theirs.get(mine))) == canonical(keras_dict)
 
 
-@pytest.mark.parametrize("spec,expected", [
-    ({"class_name": "RandomNormal", "config": {"stddev": 1.0}}, I.RandomNormal(stddev=1.0)),
-    ({"class_name": "random_normal", "config": {"mean": 2.0}}, I.RandomNormal(mean=2.0)),
-    ({"class_name": "Ones"}, I.Ones()),
-    ({"class_name": "Zeros", "config": None, "module": "keras.initializers"}, I.Zeros()),
-    ({"class_name": "Zeros", "config": {}, "module": "keras.src.initializers.constant_initializers",
-      "registered_name": "Zeros"}, I.Zeros()),
-    ({"class_name": "l2", "config": {}}, R.L2(0.01)),
-    ({"class_name": "L1L2", "config": {"l2": 0.5}, "shared_object_id": 1}, R.L1L2(0.0, 0.5)),
-    ({"class_name": "max_norm", "config": {"axis": 1}}, C.MaxNorm(2, axis=1)),
-])
+@pytest.mark.parametrize(
+    "spec,expected",
+    [
+        ({"class_name": "RandomNormal", "config": {"stddev": 1.0}}, I.RandomNormal(stddev=1.0)),
+        ({"class_name": "random_normal", "config": {"mean": 2.0}}, I.RandomNormal(mean=2.0)),
+        ({"class_name": "Ones"}, I.Ones()),
+        ({"class_name": "Zeros", "config": None, "module": "keras.initializers"}, I.Zeros()),
+        (
+            {
+                "class_name": "Zeros",
+                "config": {},
+                "module": "keras.src.initializers.constant_initializers",
+                "registered_name": "Zeros",
+            },
+            I.Zeros(),
+        ),
+        ({"class_name": "l2", "config": {}}, R.L2(0.01)),
+        ({"class_name": "L1L2", "config": {"l2": 0.5}, "shared_object_id": 1}, R.L1L2(0.0, 0.5)),
+        ({"class_name": "max_norm", "config": {"axis": 1}}, C.MaxNorm(2, axis=1)),
+    ],
+)
 def test_short_dicts(spec, expected):
     kind = {I.Initializer: I, R.Regularizer: R, C.Constraint: C}
     module = next(m for base, m in kind.items() if isinstance(expected, base))
@@ -184,8 +198,7 @@ def test_instances_callables_and_classes():
 def test_foreign_callables_serialize_as_records_that_do_not_load():
     record = C.serialize(Doubler())
     name = f"{__name__}.Doubler"
-    assert record == {"module": None, "class_name": name, "config": {"factor": 2},
-                      "registered_name": name}
+    assert record == {"module": None, "class_name": name, "config": {"factor": 2}, "registered_name": name}
     fn_record = R.serialize(half_weights)
     assert fn_record["class_name"] == fn_record["registered_name"] == f"{__name__}.half_weights"
     assert fn_record["config"] == {} and fn_record["module"] is None
@@ -249,9 +262,14 @@ def test_bad_identifiers_name_the_value(kind, error, identifier, shown):
     assert shown in message and "gamma_thing" in message
 
 
-@pytest.mark.parametrize("module,name", [
-    (I, "orthogonal"), (I, "Identity"), (R, "orthogonal_regularizer"),
-])
+@pytest.mark.parametrize(
+    "module,name",
+    [
+        (I, "orthogonal"),
+        (I, "Identity"),
+        (R, "orthogonal_regularizer"),
+    ],
+)
 def test_keras_names_not_implemented_say_so(module, name):
     with pytest.raises(ValueError, match=f"'{name}' is a Keras .* does not implement"):
         module.get(name)
@@ -274,8 +292,7 @@ def test_nothing_named_in_a_config_is_imported(tmp_path, monkeypatch):
     monkeypatch.syspath_prepend(str(tmp_path))
     specs = [
         {"module": "planted_module", "class_name": "Zeros", "config": {}},
-        {"module": None, "class_name": "planted_module.Thing", "config": {},
-         "registered_name": "planted_module.Thing"},
+        {"module": None, "class_name": "planted_module.Thing", "config": {}, "registered_name": "planted_module.Thing"},
         {"class_name": "planted_module.Thing", "config": {}},
         "planted_module",
     ]
@@ -285,27 +302,30 @@ def test_nothing_named_in_a_config_is_imported(tmp_path, monkeypatch):
     assert "planted_module" not in sys.modules
 
 
-@pytest.mark.parametrize("make,shown", [
-    (lambda: R.L2(-1), "l2=-1"),
-    (lambda: R.L1(float("nan")), "l1=nan"),
-    (lambda: R.L1L2(l1=math.inf), "l1=inf"),
-    (lambda: R.L1("0.1"), "l1='0.1'"),
-    (lambda: C.MaxNorm(-0.5), "max_value=-0.5"),
-    (lambda: C.MinMaxNorm(min_value=2.0, max_value=1.0), "max_value=1.0"),
-    (lambda: C.MinMaxNorm(rate=1.5), "rate=1.5"),
-    (lambda: C.UnitNorm(axis=1.0), "axis=1.0"),
-    (lambda: C.UnitNorm(axis=[]), "axis=[]"),
-    (lambda: I.VarianceScaling(scale=0), "scale=0"),
-    (lambda: I.VarianceScaling(mode="fan"), "mode='fan'"),
-    (lambda: I.VarianceScaling(distribution="cauchy"), "distribution='cauchy'"),
-    (lambda: I.RandomUniform(1.0, 0.0), "maxval=0.0"),
-    (lambda: I.RandomNormal(seed=True), "seed=True"),
-    (lambda: I.RandomNormal(stddev=-1.0), "stddev=-1.0"),
-    (lambda: I.Constant("2"), "value='2'"),
-    (lambda: I.Zeros()((2,), "no_such_dtype"), "no_such_dtype"),
-    (lambda: I.RandomNormal()((2,), torch.int32), "torch.int32"),
-    (lambda: C.MaxNorm(axis=2)(torch.ones(3)), "axis=2"),
-])
+@pytest.mark.parametrize(
+    "make,shown",
+    [
+        (lambda: R.L2(-1), "l2=-1"),
+        (lambda: R.L1(float("nan")), "l1=nan"),
+        (lambda: R.L1L2(l1=math.inf), "l1=inf"),
+        (lambda: R.L1("0.1"), "l1='0.1'"),
+        (lambda: C.MaxNorm(-0.5), "max_value=-0.5"),
+        (lambda: C.MinMaxNorm(min_value=2.0, max_value=1.0), "max_value=1.0"),
+        (lambda: C.MinMaxNorm(rate=1.5), "rate=1.5"),
+        (lambda: C.UnitNorm(axis=1.0), "axis=1.0"),
+        (lambda: C.UnitNorm(axis=[]), "axis=[]"),
+        (lambda: I.VarianceScaling(scale=0), "scale=0"),
+        (lambda: I.VarianceScaling(mode="fan"), "mode='fan'"),
+        (lambda: I.VarianceScaling(distribution="cauchy"), "distribution='cauchy'"),
+        (lambda: I.RandomUniform(1.0, 0.0), "maxval=0.0"),
+        (lambda: I.RandomNormal(seed=True), "seed=True"),
+        (lambda: I.RandomNormal(stddev=-1.0), "stddev=-1.0"),
+        (lambda: I.Constant("2"), "value='2'"),
+        (lambda: I.Zeros()((2,), "no_such_dtype"), "no_such_dtype"),
+        (lambda: I.RandomNormal()((2,), torch.int32), "torch.int32"),
+        (lambda: C.MaxNorm(axis=2)(torch.ones(3)), "axis=2"),
+    ],
+)
 def test_invalid_arguments_are_named(make, shown):
     with pytest.raises((TypeError, ValueError)) as info:
         make()
@@ -388,9 +408,16 @@ def test_constraint_formulas():
 # -- constant initializers -----------------------------------------------------------
 
 
-@pytest.mark.parametrize("name,args", [
-    ("Zeros", ()), ("Ones", ()), ("Constant", (2.5,)), ("Constant", (-3,)), ("Constant", (0.1,)),
-])
+@pytest.mark.parametrize(
+    "name,args",
+    [
+        ("Zeros", ()),
+        ("Ones", ()),
+        ("Constant", (2.5,)),
+        ("Constant", (-3,)),
+        ("Constant", (0.1,)),
+    ],
+)
 @pytest.mark.parametrize("dtype", ["float32", "float64", "int32"])
 def test_constant_initializers_equal_keras(name, args, dtype):
     shape = (3, 4)
@@ -415,8 +442,12 @@ RANDOM = [
     I.VarianceScaling(scale=3.0, mode="fan_avg", distribution="untruncated_normal"),
     I.VarianceScaling(scale=0.5, mode="fan_out", distribution="uniform"),
     I.VarianceScaling(),
-    I.GlorotUniform(), I.GlorotNormal(), I.HeNormal(), I.HeUniform(),
-    I.LecunNormal(), I.LecunUniform(),
+    I.GlorotUniform(),
+    I.GlorotNormal(),
+    I.HeNormal(),
+    I.HeUniform(),
+    I.LecunNormal(),
+    I.LecunUniform(),
 ]
 
 
@@ -430,8 +461,11 @@ def theoretical(init, size):
         mid, half = (init.minval + init.maxval) / 2, (init.maxval - init.minval) / 2
         return mid, half / math.sqrt(3), half
     std = math.sqrt(init.scale / size)  # shape (C,): fan_in = fan_out = C
-    bound = {"uniform": math.sqrt(3) * std, "untruncated_normal": None,
-             "truncated_normal": 2 * std / 0.87962566103423978}[init.distribution]
+    bound = {
+        "uniform": math.sqrt(3) * std,
+        "untruncated_normal": None,
+        "truncated_normal": 2 * std / 0.87962566103423978,
+    }[init.distribution]
     return 0.0, std, bound
 
 
@@ -450,9 +484,16 @@ def test_random_moments_and_bounds(init):
     assert theirs_sample.std().item() == pytest.approx(sample.std().item(), rel=0.02)
 
 
-@pytest.mark.parametrize("init_class", [
-    I.RandomNormal, I.TruncatedNormal, I.RandomUniform, I.VarianceScaling, I.HeUniform,
-])
+@pytest.mark.parametrize(
+    "init_class",
+    [
+        I.RandomNormal,
+        I.TruncatedNormal,
+        I.RandomUniform,
+        I.VarianceScaling,
+        I.HeUniform,
+    ],
+)
 def test_seeds_dtypes_and_shapes(init_class):
     seeded = init_class(seed=7)
     first = seeded((4, 5))
@@ -472,10 +513,17 @@ def test_seeds_dtypes_and_shapes(init_class):
     assert torch.equal(a, unseeded((50,))) and not torch.equal(a, b)
 
 
-@pytest.mark.parametrize("shape,axes", [
-    ((), (None, None)), ((7,), (None, None)), ((3, 5), (None, None)),
-    ((3, 3, 4, 8), (None, None)), ((2, 3, 4), ([0, 1], [2])), ((2, 3, 4), ([0], None)),
-])
+@pytest.mark.parametrize(
+    "shape,axes",
+    [
+        ((), (None, None)),
+        ((7,), (None, None)),
+        ((3, 5), (None, None)),
+        ((3, 3, 4, 8), (None, None)),
+        ((2, 3, 4), ([0, 1], [2])),
+        ((2, 3, 4), ([0], None)),
+    ],
+)
 def test_fans_equal_keras(shape, axes):
     assert I.compute_fans(shape, *axes) == keras_compute_fans(shape, *axes)
 
@@ -484,17 +532,22 @@ def test_variance_scaling_uses_fans_for_matrices():
     init = I.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal", seed=0)
     sample = init((400, 500))
     assert sample.std().item() == pytest.approx(math.sqrt(2.0 / 500), rel=0.01)
-    axes = I.VarianceScaling(mode="fan_in", distribution="uniform", seed=0,
-                             input_axes=[1], output_axes=[0])
+    axes = I.VarianceScaling(mode="fan_in", distribution="uniform", seed=0, input_axes=[1], output_axes=[0])
     limit = math.sqrt(3.0 / 500)
     assert axes((400, 500)).abs().max().item() == pytest.approx(limit, rel=0.01)
 
 
-@pytest.mark.parametrize("obj", [
-    I.Constant(0.25), I.RandomUniform(-1, 2, seed=3), I.GlorotNormal(seed=2, input_axes=[0],
-                                                                     output_axes=[1]),
-    R.L1L2(0.1, 0.2), C.MinMaxNorm(0.1, 0.9, 0.5, axis=(0, 1)),
-], ids=repr)
+@pytest.mark.parametrize(
+    "obj",
+    [
+        I.Constant(0.25),
+        I.RandomUniform(-1, 2, seed=3),
+        I.GlorotNormal(seed=2, input_axes=[0], output_axes=[1]),
+        R.L1L2(0.1, 0.2),
+        C.MinMaxNorm(0.1, 0.9, 0.5, axis=(0, 1)),
+    ],
+    ids=repr,
+)
 def test_from_config_round_trip(obj):
     again = type(obj).from_config(obj.get_config())
     assert again.get_config() == obj.get_config()

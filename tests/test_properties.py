@@ -16,10 +16,9 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from reference import batch_moments, normalize, training_step
 
 from batchnorm import BatchNormalization
-
-from reference import batch_moments, normalize, training_step
 
 INPUT_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 WEIGHT_DTYPES = [None, torch.float64, torch.bfloat16]
@@ -84,7 +83,9 @@ def make_layer(case) -> BatchNormalization:
     g = torch.Generator().manual_seed(case["seed"] + 1)
     with torch.no_grad():
         if bn.gamma is not None:
-            bn.gamma.copy_((torch.rand(channels, generator=g) * 1.5 + 0.5) * torch.sign(torch.randn(channels, generator=g)))
+            bn.gamma.copy_(
+                (torch.rand(channels, generator=g) * 1.5 + 0.5) * torch.sign(torch.randn(channels, generator=g))
+            )
         if bn.beta is not None:
             bn.beta.copy_(torch.randn(channels, generator=g))
         bn.moving_mean.copy_(torch.randn(channels, generator=g) * 2)
@@ -155,7 +156,11 @@ def output_tolerance(case, x, mean, var, gamma, y_ref):
 
 def check_close(got, expected, atol, rtol, what):
     torch.testing.assert_close(
-        got.detach().double(), expected.detach().double(), rtol=rtol, atol=atol, equal_nan=True,
+        got.detach().double(),
+        expected.detach().double(),
+        rtol=rtol,
+        atol=atol,
+        equal_nan=True,
         msg=lambda m: f"{what}: {m}",
     )
 
@@ -172,9 +177,14 @@ def stat_tolerance(case, expected):
 # ------------------------------------------------------------------------------ properties
 
 
-@pytest.mark.slow   # ~3.7 s: 400 examples
+@pytest.mark.slow  # ~3.7 s: 400 examples
 @settings(max_examples=400, **SETTINGS)
-@given(case=cases(), training_arg=st.sampled_from([True, False, None]), module_training=st.booleans(), trainable=st.booleans())
+@given(
+    case=cases(),
+    training_arg=st.sampled_from([True, False, None]),
+    module_training=st.booleans(),
+    trainable=st.booleans(),
+)
 def test_layer_matches_reference(case, training_arg, module_training, trainable):
     bn = make_layer(case)
     bn.train(module_training)
@@ -190,7 +200,15 @@ def test_layer_matches_reference(case, training_arg, module_training, trainable)
     x64 = x.detach().double()
     if uses_batch_statistics:
         y_ref, mean_ref, var_ref = training_step(
-            x64, axis, gamma, beta, before["moving_mean"], before["moving_variance"], case["momentum"], case["epsilon"], mask
+            x64,
+            axis,
+            gamma,
+            beta,
+            before["moving_mean"],
+            before["moving_variance"],
+            case["momentum"],
+            case["epsilon"],
+            mask,
         )
         mean_used, var_used, count = batch_moments(x64, axis, mask)
         if bool((count == 0).all()):

@@ -9,11 +9,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-
-from batchnorm import BatchNormalization
-
 from reference import batch_moments, normalize, training_step
 from state import assert_state_equal, snapshot
+
+from batchnorm import BatchNormalization
 
 EPS32 = torch.finfo(torch.float32).eps
 # Relative rounding of one value in each dtype (half an ulp at most, one ulp to be safe).
@@ -408,12 +407,15 @@ def test_large_mean_takes_the_shifted_kernel_not_welford(shape, axis, monkeypatc
 @pytest.mark.parametrize("offset", [2.0, 100.0])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("grad", [False, True])
-@pytest.mark.parametrize("shape,axis,memory_format", [
-    ((2**20, 2), -1, torch.contiguous_format),
-    ((2**18, 4, 1, 1), 1, torch.contiguous_format),
-    ((2**20 + 3, 2), -1, torch.contiguous_format),
-    ((2**14, 2, 8, 8), 1, torch.channels_last),
-])
+@pytest.mark.parametrize(
+    "shape,axis,memory_format",
+    [
+        ((2**20, 2), -1, torch.contiguous_format),
+        ((2**18, 4, 1, 1), 1, torch.contiguous_format),
+        ((2**20 + 3, 2), -1, torch.contiguous_format),
+        ((2**14, 2, 8, 8), 1, torch.channels_last),
+    ],
+)
 def test_many_rows_keep_float32_accuracy(shape, axis, memory_format, grad, masked, offset):
     x = random_input(shape, seed=40, scale=1.0, offset=offset).to(memory_format=memory_format)
     mask = random_mask(mask_shape(shape, axis), seed=40) if masked else None
@@ -475,7 +477,9 @@ def test_constant_channel_has_zero_variance_never_negative(value, masked, shape,
 # ------------------------------------------------------------------ one element per channel
 
 
-@pytest.mark.parametrize("shape,axis", [((1, 5), -1), ((1, 5), 1), ((1, 3, 1, 1), 1), ((5,), 0), ((1, 1, 4), -1), ((5,), -1)])
+@pytest.mark.parametrize(
+    "shape,axis", [((1, 5), -1), ((1, 5), 1), ((1, 3, 1, 1), 1), ((5,), 0), ((1, 1, 4), -1), ((5,), -1)]
+)
 def test_one_element_per_channel_gives_beta_and_zero_variance(shape, axis):
     bn = make_layer(shape, axis, momentum=0.5)
     before = snapshot(bn)
@@ -486,7 +490,9 @@ def test_one_element_per_channel_gives_beta_and_zero_variance(shape, axis):
     beta = bn.beta.detach().reshape(channel_shape).expand(shape)
     torch.testing.assert_close(y.detach(), beta, rtol=0, atol=1e-4)
     torch.testing.assert_close(bn.moving_variance, 0.5 * before["moving_variance"], rtol=1e-6, atol=0)
-    torch.testing.assert_close(bn.moving_mean, 0.5 * before["moving_mean"] + 0.5 * x.detach().reshape(-1), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(
+        bn.moving_mean, 0.5 * before["moving_mean"] + 0.5 * x.detach().reshape(-1), rtol=1e-6, atol=1e-7
+    )
     y.sum().backward()
     assert bool(x.grad.isfinite().all())
 
@@ -821,10 +827,14 @@ def test_gradients_for_every_upstream_layout(layout, mode, shape):
     if mode == "inference":
         x64 = x.double().requires_grad_()
         gamma, beta = (w.detach().double().requires_grad_() for w in (bn.gamma, bn.beta))
-        (normalize(x64, -1, bn.moving_mean, bn.moving_variance, gamma, beta, bn.epsilon) * upstream.double()).sum().backward()
+        (
+            normalize(x64, -1, bn.moving_mean, bn.moving_variance, gamma, beta, bn.epsilon) * upstream.double()
+        ).sum().backward()
         expected = (x64.grad, gamma.grad, beta.grad)
     else:
         fresh = make_layer(shape, -1, seed=43)
         expected = reference_training(fresh, x, mask, upstream)[3]
-    for name, got, want in zip(("grad x", "grad gamma", "grad beta"), (x_in.grad, bn.gamma.grad, bn.beta.grad), expected):
+    for name, got, want in zip(
+        ("grad x", "grad gamma", "grad beta"), (x_in.grad, bn.gamma.grad, bn.beta.grad), expected
+    ):
         assert_near(got, want, 1e-4, name)

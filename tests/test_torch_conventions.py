@@ -15,14 +15,13 @@ import io
 import pytest
 import torch
 import torch.distributed as dist
+from reference import batch_moments, normalize
+from state import assert_state_equal, assert_unbuilt, snapshot
 from torch import nn
 from torch.func import functional_call, stack_module_state
 from torch.nn.parameter import is_lazy
 
 from batchnorm import BatchNormalization
-
-from reference import batch_moments, normalize
-from state import assert_state_equal, assert_unbuilt, snapshot
 
 
 def ours() -> nn.Module:
@@ -58,7 +57,7 @@ def test_an_optimizer_made_before_the_first_call_trains_the_weights(norm):
     assert any(p.detach().abs().sum() > 0 and not torch.equal(p.detach(), torch.ones(4)) for p in norm_parameters)
 
 
-@pytest.mark.distributed   # a one-process gloo group
+@pytest.mark.distributed  # a one-process gloo group
 def test_ddp_refuses_an_unbuilt_layer_and_takes_a_built_one(tmp_path):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
     try:
@@ -145,12 +144,15 @@ def test_strict_true_with_a_key_missing_loads_nothing(built):
 # ------------------------------------------------------------------------- placement before build
 
 
-@pytest.mark.parametrize("move,dtype", [
-    (lambda m: m.double(), torch.float64),
-    (lambda m: m.half(), torch.float16),
-    (lambda m: m.to(torch.bfloat16), torch.bfloat16),
-    (lambda m: m.to(dtype=torch.float64), torch.float64),
-])
+@pytest.mark.parametrize(
+    "move,dtype",
+    [
+        (lambda m: m.double(), torch.float64),
+        (lambda m: m.half(), torch.float16),
+        (lambda m: m.to(torch.bfloat16), torch.bfloat16),
+        (lambda m: m.to(dtype=torch.float64), torch.float64),
+    ],
+)
 def test_dtype_moves_before_the_first_call_are_honoured(move, dtype):
     for norm in (ours, torchs):
         model = move(mlp(norm))
@@ -217,7 +219,9 @@ UNIT = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("masked", [False, True])
 @pytest.mark.parametrize("training", [False, True])
-def test_channels_last_inputs_keep_their_layout_and_match_the_contiguous_result(memory_format, shape, dtype, masked, training):
+def test_channels_last_inputs_keep_their_layout_and_match_the_contiguous_result(
+    memory_format, shape, dtype, masked, training
+):
     torch.manual_seed(1)
     x = (torch.randn(shape) * 2 + 1).to(dtype)
     mask = (torch.rand(shape[:1] + shape[2:]) > 0.3) if masked else None
@@ -368,7 +372,9 @@ def test_jit_trace_of_a_masked_training_call_replays_like_eager(requires_grad):
         torch.testing.assert_close(traced_model.state_dict()[key], value, msg=key)
 
 
-@pytest.mark.parametrize("norm,masked", [(ours, False), (ours, True), (torchs, False)], ids=["ours", "ours-masked", "torch"])
+@pytest.mark.parametrize(
+    "norm,masked", [(ours, False), (ours, True), (torchs, False)], ids=["ours", "ours-masked", "torch"]
+)
 def test_vmap_ensembling_in_training_mode_matches_each_model(norm, masked):
     models = [mlp(norm) for _ in range(3)]
     for index, model in enumerate(models):
@@ -423,8 +429,9 @@ def test_legacy_onnx_export_in_training_mode_is_refused_clearly():
     model = mlp(ours)
     model(torch.randn(5, 3))
     with pytest.raises(RuntimeError, match=r"TorchScript-based ONNX exporter.*inference mode"):
-        torch.onnx.export(model, (torch.randn(5, 3),), io.BytesIO(), dynamo=False,
-                          training=torch.onnx.TrainingMode.TRAINING)
+        torch.onnx.export(
+            model, (torch.randn(5, 3),), io.BytesIO(), dynamo=False, training=torch.onnx.TrainingMode.TRAINING
+        )
 
 
 @pytest.mark.parametrize("how", ["build", "load_state_dict"])
@@ -435,8 +442,14 @@ def test_a_built_layers_first_call_from_several_threads(how):
     if how == "build":
         layer.build((1, 6))
     else:
-        layer.load_state_dict({"gamma": torch.ones(6), "beta": torch.zeros(6),
-                               "moving_mean": torch.zeros(6), "moving_variance": torch.ones(6)})
+        layer.load_state_dict(
+            {
+                "gamma": torch.ones(6),
+                "beta": torch.zeros(6),
+                "moving_mean": torch.zeros(6),
+                "moving_variance": torch.ones(6),
+            }
+        )
     # Nothing left for a first call to do (torch's lazy hook would remove itself there: a race).
     assert not layer._forward_pre_hooks and not hasattr(layer, "_initialize_hook")
     inputs = [torch.randn(64, 6) for _ in range(16)]

@@ -25,33 +25,45 @@ def _run_bench(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from batchnorm.bench import positive_int, add_arguments  # torch only: no optional dependency
+    from batchnorm.bench import add_arguments, positive_int  # torch only: no optional dependency
 
     parser = argparse.ArgumentParser(
         prog="python -m batchnorm",
-        description="The Keras BatchNormalization layer as a PyTorch module: command-line tools.")
+        description="The Keras BatchNormalization layer as a PyTorch module: command-line tools.",
+    )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     demo = commands.add_parser(
-        "demo", help="train a small CNN on scikit-learn's digits and show what the layer does",
+        "demo",
+        help="train a small CNN on scikit-learn's digits and show what the layer does",
         description="Train a small channels-last CNN with BatchNormalization(axis=-1) on the 8x8 "
-                    "digits shipped with scikit-learn (CPU, well under a minute), then show: "
-                    "(a) inference-mode accuracy vs training mode on small batches, "
-                    "(b) fine-tuning with a frozen backbone leaves its moving statistics unchanged, "
-                    "(c) a PNG figure of the training curve and of moving statistics converging.")
-    demo.add_argument("--epochs", type=positive_int, default=25, metavar="N",
-                      help="training epochs (default: %(default)s)")
-    demo.add_argument("--seed", type=int, default=0, metavar="S",
-                      help="random seed for the split, initialization and shuffling (default: %(default)s)")
-    demo.add_argument("--out", default="demo-out", metavar="DIR",
-                      help="directory for the figure (default: %(default)s)")
+        "digits shipped with scikit-learn (CPU, well under a minute), then show: "
+        "(a) inference-mode accuracy vs training mode on small batches, "
+        "(b) fine-tuning with a frozen backbone leaves its moving statistics unchanged, "
+        "(c) a PNG figure of the training curve and of moving statistics converging.",
+    )
+    demo.add_argument(
+        "--epochs", type=positive_int, default=25, metavar="N", help="training epochs (default: %(default)s)"
+    )
+    demo.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        metavar="S",
+        help="random seed for the split, initialization and shuffling (default: %(default)s)",
+    )
+    demo.add_argument(
+        "--out", default="demo-out", metavar="DIR", help="directory for the figure (default: %(default)s)"
+    )
     demo.set_defaults(func=_run_demo)
 
     bench = commands.add_parser(
-        "bench", help="time the layer against torch's native batch norm, Keras 3 and a plain copy",
+        "bench",
+        help="time the layer against torch's native batch norm, Keras 3 and a plain copy",
         description="Time BatchNormalization side by side, in one process, with "
-                    "torch.nn.functional.batch_norm on its best zero-copy layout, Keras 3's layer on "
-                    "the torch backend and the copy floor; print a table (and JSON with --json).")
+        "torch.nn.functional.batch_norm on its best zero-copy layout, Keras 3's layer on "
+        "the torch backend and the copy floor; print a table (and JSON with --json).",
+    )
     add_arguments(bench)
     bench.set_defaults(func=_run_bench)
     return parser

@@ -267,9 +267,10 @@ def masked_statistics(view: Tensor, inside: Tensor) -> tuple[Tensor, Tensor, Ten
 
     * channels last (``(M, C)``): the masked-in elements are whole rows; gathered, they are an
       ordinary batch for :func:`statistics`;
-    * other axes of a contiguous view with rows of at most ``CHANNEL_SUMS_MAX_ROW``: the input times the 0/1 mask (one temporary; far faster
-      than ``where`` on CPU) and one fused native pass for ``sum(x)`` and ``sum(x**2)``, checked
-      (a masked-out NaN or Inf passes the product, and fails the check).
+    * other axes of a contiguous view with rows of at most ``CHANNEL_SUMS_MAX_ROW``: the input
+      times the 0/1 mask (one temporary; far faster than ``where`` on CPU) and one fused native
+      pass for ``sum(x)`` and ``sum(x**2)``, checked (a masked-out NaN or Inf passes the
+      product, and fails the check).
 
     Elsewhere, and where the check fails: :func:`masked_moments` (in float64 under
     ``torch.compile``). ``count`` is an int where the host knows it, else a 0-dim tensor.

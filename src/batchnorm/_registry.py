@@ -55,10 +55,7 @@ class Configurable:
                 (the message names them and the accepted keys).
         """
         if not isinstance(config, Mapping):
-            raise TypeError(
-                f"{cls.__name__}.from_config expects a dict, "
-                f"received config={config!r}"
-            )
+            raise TypeError(f"{cls.__name__}.from_config expects a dict, received config={config!r}")
         accepted = _keyword_names(cls)
         unknown = sorted(set(config) - accepted)
         if unknown:
@@ -166,10 +163,7 @@ class Registry(Generic[T]):
         if isinstance(identifier, self.base):
             return identifier
         if isinstance(identifier, Configurable):
-            raise TypeError(
-                f"Invalid {label}={received!r}: {type(identifier).__name__} is not "
-                f"one of the {self.kind}s"
-            )
+            raise TypeError(f"Invalid {label}={received!r}: {type(identifier).__name__} is not one of the {self.kind}s")
         if callable(identifier):
             return identifier
         raise TypeError(
@@ -186,9 +180,7 @@ class Registry(Generic[T]):
             reason = f"{name!r} is a Keras {self.kind} that batchnorm does not implement"
         else:
             reason = f"unknown {self.kind} {what} {name!r}"
-        raise ValueError(
-            f"Invalid {label}={received!r}: {reason}. Known names: {', '.join(self.names)}"
-        )
+        raise ValueError(f"Invalid {label}={received!r}: {reason}. Known names: {', '.join(self.names)}")
 
     def _from_dict(self, spec: Mapping[str, Any], label: str) -> T:
         """Build a built-in object from a Keras serialized dict."""
@@ -224,10 +216,7 @@ class Registry(Generic[T]):
         """Whether ``module`` is a Keras module path for this kind of object."""
         if not isinstance(module, str):
             return False
-        return any(
-            module == root or module.startswith(root + ".")
-            for root in (self.module, f"keras.src.{self.kind}s")
-        )
+        return any(module == root or module.startswith(root + ".") for root in (self.module, f"keras.src.{self.kind}s"))
 
     # -- serialization ------------------------------------------------------
 
@@ -249,16 +238,14 @@ class Registry(Generic[T]):
             }
         if not callable(obj):
             raise TypeError(
-                f"Cannot serialize {obj!r} (type {type(obj).__name__}) as a "
-                f"{self.kind}: expected None or a callable"
+                f"Cannot serialize {obj!r} (type {type(obj).__name__}) as a {self.kind}: expected None or a callable"
             )
         name = _qualified_name(obj)
         get_config = getattr(obj, "get_config", None)
         config = get_config() if callable(get_config) else {}
         if not isinstance(config, dict):
             raise TypeError(
-                f"Cannot serialize {self.kind} {name}: get_config() must return "
-                f"a dict, received {config!r}"
+                f"Cannot serialize {self.kind} {name}: get_config() must return a dict, received {config!r}"
             )
         try:
             json.dumps(config)
@@ -323,9 +310,7 @@ def check_real(
     above = maximum is not None and value > maximum
     if not math.isfinite(value) or below or above:
         wanted = " ".join(["a finite number", " and ".join(bounds)]).strip()
-        raise ValueError(
-            f"Invalid value for argument {name}: expected {wanted}, received {name}={value!r}"
-        )
+        raise ValueError(f"Invalid value for argument {name}: expected {wanted}, received {name}={value!r}")
     return value
 
 

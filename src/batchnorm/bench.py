@@ -112,8 +112,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -143,8 +144,8 @@ MODES = ("inference", "training", "training_backward")
 MODE_LABELS = {"inference": "infer fwd", "training": "train fwd", "training_backward": "train fwd+bwd"}
 IMPLEMENTATIONS = ("ours", "torch", "keras", "ours_unmasked", "copy_", "clone")
 
-MOMENTUM = 0.99          # Keras convention; torch's momentum is 1 - MOMENTUM
-EPSILON = 1e-3           # Keras's default
+MOMENTUM = 0.99  # Keras convention; torch's momentum is 1 - MOMENTUM
+EPSILON = 1e-3  # Keras's default
 FULL_REPEATS, FULL_WARMUP = 25, 2
 QUICK_REPEATS, QUICK_WARMUP = 5, 1
 QUICK_DIVISOR = 128
@@ -168,6 +169,7 @@ _STARTUP_ENV = {name: os.environ[name] for name in ALLOCATOR_ENV_VARS if name in
 
 # ------------------------------------------------------------------------------------- cases
 
+
 @dataclasses.dataclass(frozen=True)
 class Case:
     """One input configuration: shape (full and quick), channel axis, dtype, optional mask."""
@@ -177,7 +179,7 @@ class Case:
     quick_shape: tuple[int, ...]
     axis: int
     dtype: torch.dtype = torch.float32
-    mask_false_fraction: float | None = None   # masked case: this fraction of positions False
+    mask_false_fraction: float | None = None  # masked case: this fraction of positions False
     memory_format: torch.memory_format = torch.contiguous_format
     note: str = ""
 
@@ -211,8 +213,14 @@ CASES: dict[str, Case] = {
         Case("D", (64, 64, 56, 56), (8, 64, 14, 14), 1, note="NCHW conv activations"),
         Case("E", (32, 128, 768), (2, 16, 768), -1, mask_false_fraction=0.25, note="B with a padding mask"),
         Case("F", (32, 128, 768), (2, 16, 768), -1, dtype=torch.bfloat16, note="B in bfloat16"),
-        Case("G", (32, 64, 28, 28), (4, 64, 7, 7), 1, memory_format=torch.channels_last,
-             note="NCHW in torch.channels_last memory"),
+        Case(
+            "G",
+            (32, 64, 28, 28),
+            (4, 64, 7, 7),
+            1,
+            memory_format=torch.channels_last,
+            note="NCHW in torch.channels_last memory",
+        ),
     )
 }
 
@@ -240,6 +248,7 @@ def _parse_modes(modes: str | Iterable[str]) -> list[str]:
 
 # ---------------------------------------------------------------------------------- keras
 
+
 def _import_keras() -> tuple[Any, str | None]:
     """Keras on its torch backend, or ``(None, reason)``."""
     backend = os.environ.get("KERAS_BACKEND")
@@ -258,11 +267,12 @@ def _import_keras() -> tuple[Any, str | None]:
 
 # ------------------------------------------------------------------------- implementations
 
+
 @dataclasses.dataclass
 class _Entry:
     """One timed thing: ``call()`` is timed; ``clear()`` then ``body()`` is one call for memory."""
 
-    mode: str            # a mode, or "-" for the mode-independent copy floor
+    mode: str  # a mode, or "-" for the mode-independent copy floor
     impl: str
     call: Callable[[], None]
     clear: Callable[[], None]
@@ -279,16 +289,19 @@ def _nothing() -> None:
     pass
 
 
-def _entry(mode: str, impl: str, forward: Callable[[Tensor], Tensor], x: Tensor, g: Tensor,
-           params: Sequence[Tensor]) -> _Entry:
+def _entry(
+    mode: str, impl: str, forward: Callable[[Tensor], Tensor], x: Tensor, g: Tensor, params: Sequence[Tensor]
+) -> _Entry:
     """Wrap ``forward`` for ``mode``: forward modes under no_grad; backward with fresh grads."""
     if mode != "training_backward":
+
         def call() -> None:
             with torch.no_grad():
                 forward(x)
+
         return _Entry(mode, impl, call, _nothing, call)
 
-    xg = x.detach().requires_grad_()       # shares x's storage; its own .grad
+    xg = x.detach().requires_grad_()  # shares x's storage; its own .grad
     leaves = (xg, *params)
 
     def clear() -> None:
@@ -313,18 +326,22 @@ def _torch_native(case: Case, x: Tensor, training: bool, device: torch.device):
     running_mean = torch.zeros(channels, device=device)
     running_var = torch.ones(channels, device=device)
     if axis == x.dim() - 1:
+
         def layout(t: Tensor) -> Tensor:
             return t.reshape(-1, channels)
     elif axis == 1:
+
         def layout(t: Tensor) -> Tensor:
             return t
     else:
+
         def layout(t: Tensor) -> Tensor:
             return t.reshape(math.prod(t.shape[:axis]), channels, -1)
 
     def forward(t: Tensor) -> Tensor:
-        return F.batch_norm(layout(t), running_mean, running_var, weight, bias, training,
-                            1.0 - MOMENTUM, EPSILON).reshape(t.shape)
+        return F.batch_norm(
+            layout(t), running_mean, running_var, weight, bias, training, 1.0 - MOMENTUM, EPSILON
+        ).reshape(t.shape)
 
     return forward, (weight, bias)
 
@@ -343,8 +360,7 @@ def _keras(keras, case: Case, x: Tensor, training: bool, mask: Tensor | None, de
     policy = {torch.bfloat16: "mixed_bfloat16", torch.float16: "mixed_float16"}.get(case.dtype)
     keras_device = str(device)
     with keras.device(keras_device):
-        layer = keras.layers.BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON,
-                                                dtype=policy)
+        layer = keras.layers.BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON, dtype=policy)
         layer.build(tuple(x.shape))
 
     def forward(t: Tensor) -> Tensor:
@@ -400,12 +416,12 @@ _KINETO_LOG = re.compile(rb"^(USDT|INFO):\d{4}-\d\d-\d\d [^\n]*\.cpp:\d+\][^\n]*
 @contextlib.contextmanager
 def _without_kineto_log_lines():
     """Drop kineto's ``USDT:``/``INFO:`` log lines written to fd 2; pass anything else through."""
-    fd = 2                                  # kineto writes to the descriptor, not to sys.stderr
+    fd = 2  # kineto writes to the descriptor, not to sys.stderr
     with contextlib.suppress(AttributeError, OSError, ValueError):
         sys.stderr.flush()
     try:
         saved = os.dup(fd)
-    except OSError:                         # no descriptor 2 at all: nothing to filter
+    except OSError:  # no descriptor 2 at all: nothing to filter
         yield
         return
     with tempfile.TemporaryFile() as captured:
@@ -467,8 +483,15 @@ def _sample(entry: _Entry, number: int, sync: Callable[[], None]) -> float:
     return elapsed / number / 1e6
 
 
-def _rounds(entries: list[_Entry], count: int, sync, timed: bool, first_round: int = 0,
-            before_sample: Callable[[], None] = _nothing, lead_in: bool = True) -> None:
+def _rounds(
+    entries: list[_Entry],
+    count: int,
+    sync,
+    timed: bool,
+    first_round: int = 0,
+    before_sample: Callable[[], None] = _nothing,
+    lead_in: bool = True,
+) -> None:
     """``count`` round-robin rounds of one sample per entry (timed: ``calls_per_sample`` calls).
 
     With ``lead_in`` each timed sample follows one untimed call of the same entry, which leaves
@@ -489,8 +512,7 @@ def _rounds(entries: list[_Entry], count: int, sync, timed: bool, first_round: i
                 entry.warm_ms.append(_sample(entry, 1, sync))
 
 
-def _measure_case(entries: list[_Entry], repeats: int, warmup: int, min_sample_ms: float,
-                  device: torch.device) -> None:
+def _measure_case(entries: list[_Entry], repeats: int, warmup: int, min_sample_ms: float, device: torch.device) -> None:
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else _nothing
     gc.collect()
     gc_was_enabled = gc.isenabled()
@@ -504,7 +526,9 @@ def _measure_case(entries: list[_Entry], repeats: int, warmup: int, min_sample_m
         for entry in entries:
             fastest_ms[entry.mode] = min(fastest_ms.get(entry.mode, math.inf), max(min(entry.warm_ms), 1e-6))
         for entry in entries:
-            entry.calls_per_sample = max(1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / fastest_ms[entry.mode])))
+            entry.calls_per_sample = max(
+                1, min(MAX_CALLS_PER_SAMPLE, math.ceil(min_sample_ms / fastest_ms[entry.mode]))
+            )
             entry.peak_bytes = _peak_bytes(entry, device)
             entry.faults = entry.calls = 0
         _rounds(entries, repeats, sync, timed=True, first_round=max(1, warmup))
@@ -519,8 +543,9 @@ def _ratio(numerator: float | None, denominator: float | None) -> float | None:
     return numerator / denominator
 
 
-def _rows_for_case(case: Case, modes: Sequence[str], entries: list[_Entry], x: Tensor,
-                   quick: bool, repeats: int) -> list[dict]:
+def _rows_for_case(
+    case: Case, modes: Sequence[str], entries: list[_Entry], x: Tensor, quick: bool, repeats: int
+) -> list[dict]:
     by_key = {(e.mode, e.impl): e for e in entries}
     rows = []
     for mode in modes:
@@ -624,6 +649,7 @@ def benchmark(
 
 # ---------------------------------------------------------------------------- environment
 
+
 def allocator_settings() -> dict:
     """The allocator environment this process started with, and a one-line description."""
     env = dict(_STARTUP_ENV)
@@ -670,8 +696,11 @@ def describe_environment(
         "cases": {c.name: c.describe(quick) for c in _parse_cases(cases)},
         "modes": _parse_modes(modes),
         "statistic": "median of interleaved round-robin samples after warm-up",
-        "memory": ("cuda max_memory_allocated" if device.type == "cuda"
-                   else "torch.autograd.profiler memory events: max running sum over one call"),
+        "memory": (
+            "cuda max_memory_allocated"
+            if device.type == "cuda"
+            else "torch.autograd.profiler memory events: max running sum over one call"
+        ),
         "command": command if command is not None else shlex.join(getattr(sys, "orig_argv", sys.argv)),
         "loadavg": _loadavg(),
     }
@@ -687,10 +716,11 @@ def _loadavg() -> list[float] | None:
 
 # ----------------------------------------------------------------------------------- table
 
+
 def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     if value is None:
         return "-"
-    if value != 0 and abs(value) < 10 ** -digits:
+    if value != 0 and abs(value) < 10**-digits:
         return f"{value:.1e}{suffix}"
     return f"{value:.{digits}f}{suffix}"
 
@@ -700,7 +730,8 @@ def format_table(rows: Sequence[dict], header: dict | None = None) -> str:
     lines = []
     if header is not None:
         lines.append(
-            f"# batchnorm bench: torch {header['torch']}, keras {header['keras'] or '- (' + str(header['keras_note']) + ')'}, "
+            f"# batchnorm bench: torch {header['torch']}, "
+            f"keras {header['keras'] or '- (' + str(header['keras_note']) + ')'}, "
             f"device {header['device']}, threads {header['threads']}, "
             f"allocator: {header['allocator']['description']}"
         )
@@ -715,38 +746,66 @@ def format_table(rows: Sequence[dict], header: dict | None = None) -> str:
         load, cpus = header.get("loadavg"), header.get("cpu_count")
         if load is not None and cpus:
             end = header.get("loadavg_end")
-            line = f"# load average at start {load[0]:.2f}" + (f", at end {end[0]:.2f}" if end else "") + f" on {cpus} CPUs"
-            if load[0] >= cpus and header["threads"] > 1:     # the end figure includes this run
-                line += (": other processes compete for the CPUs; with threads > 1 a parallel region "
-                         "can stall a whole scheduler time slice waiting for a worker (--threads 1 is steadier)")
+            line = (
+                f"# load average at start {load[0]:.2f}"
+                + (f", at end {end[0]:.2f}" if end else "")
+                + f" on {cpus} CPUs"
+            )
+            if load[0] >= cpus and header["threads"] > 1:  # the end figure includes this run
+                line += (
+                    ": other processes compete for the CPUs; with threads > 1 a parallel region "
+                    "can stall a whole scheduler time slice waiting for a worker (--threads 1 is steadier)"
+                )
             lines.append(line)
     columns = [
-        ("case", "<"), ("mode", "<"), ("ours ms", ">"), ("torch ms", ">"), ("keras ms", ">"),
-        ("copy_ ms", ">"), ("clone ms", ">"), ("ours/torch", ">"), ("ours/keras", ">"),
-        ("ours/copy", ">"), ("ours MiB", ">"), ("torch MiB", ">"),
+        ("case", "<"),
+        ("mode", "<"),
+        ("ours ms", ">"),
+        ("torch ms", ">"),
+        ("keras ms", ">"),
+        ("copy_ ms", ">"),
+        ("clone ms", ">"),
+        ("ours/torch", ">"),
+        ("ours/keras", ">"),
+        ("ours/copy", ">"),
+        ("ours MiB", ">"),
+        ("torch MiB", ">"),
     ]
     table = [[name for name, _ in columns]]
     for row in rows:
-        table.append([
-            row["case"], MODE_LABELS.get(row["mode"], row["mode"]),
-            _fmt(row["ours_ms"], 3), _fmt(row["torch_ms"], 3), _fmt(row["keras_ms"], 3),
-            _fmt(row["copy_ms"], 3), _fmt(row["clone_ms"], 3),
-            _fmt(row["ours_over_torch"], 2, "x"), _fmt(row["ours_over_keras"], 2, "x"),
-            _fmt(row["ours_over_copy"], 2, "x"),
-            _fmt(row["ours_peak_mib"], 2), _fmt(row["torch_peak_mib"], 2),
-        ])
+        table.append(
+            [
+                row["case"],
+                MODE_LABELS.get(row["mode"], row["mode"]),
+                _fmt(row["ours_ms"], 3),
+                _fmt(row["torch_ms"], 3),
+                _fmt(row["keras_ms"], 3),
+                _fmt(row["copy_ms"], 3),
+                _fmt(row["clone_ms"], 3),
+                _fmt(row["ours_over_torch"], 2, "x"),
+                _fmt(row["ours_over_keras"], 2, "x"),
+                _fmt(row["ours_over_copy"], 2, "x"),
+                _fmt(row["ours_peak_mib"], 2),
+                _fmt(row["torch_peak_mib"], 2),
+            ]
+        )
     widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
     for r in table:
-        lines.append("  ".join(cell.ljust(w) if align == "<" else cell.rjust(w)
-                               for cell, w, (_, align) in zip(r, widths, columns)).rstrip())
+        lines.append(
+            "  ".join(
+                cell.ljust(w) if align == "<" else cell.rjust(w) for cell, w, (_, align) in zip(r, widths, columns)
+            ).rstrip()
+        )
     descriptions = dict.fromkeys(row["description"] for row in rows)
     if descriptions:
         lines.append("cases: " + "; ".join(descriptions))
     masked = [row for row in rows if row["masked_over_unmasked"] is not None]
     for row in masked:
-        line = (f"{row['case']} masked / unmasked (ours, same tensor), {MODE_LABELS[row['mode']]}: "
-                f"{_fmt(row['masked_over_unmasked'], 2, 'x')} "
-                f"({_fmt(row['ours_ms'], 3)} vs {_fmt(row['ours_unmasked_ms'], 3)} ms)")
+        line = (
+            f"{row['case']} masked / unmasked (ours, same tensor), {MODE_LABELS[row['mode']]}: "
+            f"{_fmt(row['masked_over_unmasked'], 2, 'x')} "
+            f"({_fmt(row['ours_ms'], 3)} vs {_fmt(row['ours_unmasked_ms'], 3)} ms)"
+        )
         if row["mode"] != "inference":
             line += "  [acceptance: <= 1.5x]"
         lines.append(line)
@@ -772,7 +831,7 @@ class _CollectiveClock:
     def __init__(self) -> None:
         self.seconds = 0.0
 
-    def __enter__(self) -> "_CollectiveClock":
+    def __enter__(self) -> _CollectiveClock:
         import torch.distributed as dist
 
         self._originals = {name: getattr(dist, name) for name in self.NAMES if hasattr(dist, name)}
@@ -793,6 +852,7 @@ class _CollectiveClock:
                 return collective(*args, **kwargs)
             finally:
                 self.seconds += time.perf_counter() - start
+
         return call
 
     def attribute(self, entry: _Entry, spent: dict[str, float]) -> None:
@@ -816,8 +876,7 @@ def _sync_worker(quick: bool, repeats: int, warmup: int) -> list[dict]:
     entries = []
     for mode in SYNC_MODES:
         for synchronized in (False, True):
-            layer = BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON,
-                                       synchronized=synchronized)
+            layer = BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON, synchronized=synchronized)
             layer.build(x.shape)
             impl = "synchronized" if synchronized else "local"
             entries.append(_entry(mode, impl, functools.partial(layer, training=True), x, g, (layer.gamma, layer.beta)))
@@ -833,26 +892,47 @@ def _sync_worker(quick: bool, repeats: int, warmup: int) -> list[dict]:
         # synchronized layer's one-off layout check.
         _rounds(entries, max(1, warmup), _nothing, timed=False, before_sample=dist.barrier)
         spent.update(dict.fromkeys(SYNC_MODES, 0.0))
-        _rounds(entries, repeats, _nothing, timed=True, first_round=max(1, warmup), before_sample=dist.barrier,
-                lead_in=False)
+        _rounds(
+            entries,
+            repeats,
+            _nothing,
+            timed=True,
+            first_round=max(1, warmup),
+            before_sample=dist.barrier,
+            lead_in=False,
+        )
     by_key = {(e.mode, e.impl): e for e in entries}
     rows = []
     for mode in SYNC_MODES:
         local, synced = by_key[mode, "local"], by_key[mode, "synchronized"]
         local_ms, sync_ms = statistics.median(local.samples_ms), statistics.median(synced.samples_ms)
-        rows.append({
-            "mode": mode, "rank": dist.get_rank(), "description": case.describe(quick),
-            "repeats": repeats, "warmup": warmup, "threads": torch.get_num_threads(),
-            "local_ms": local_ms, "synchronized_ms": sync_ms, "synchronized_over_local": _ratio(sync_ms, local_ms),
-            "collectives_ms": spent[mode] * 1e3 / len(synced.samples_ms),
-            "collectives_share": spent[mode] * 1e3 / sum(synced.samples_ms),
-            "samples_ms": {"local": list(local.samples_ms), "synchronized": list(synced.samples_ms)},
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "rank": dist.get_rank(),
+                "description": case.describe(quick),
+                "repeats": repeats,
+                "warmup": warmup,
+                "threads": torch.get_num_threads(),
+                "local_ms": local_ms,
+                "synchronized_ms": sync_ms,
+                "synchronized_over_local": _ratio(sync_ms, local_ms),
+                "collectives_ms": spent[mode] * 1e3 / len(synced.samples_ms),
+                "collectives_share": spent[mode] * 1e3 / sum(synced.samples_ms),
+                "samples_ms": {"local": list(local.samples_ms), "synchronized": list(synced.samples_ms)},
+            }
+        )
     return rows
 
 
-def sync_benchmark(*, quick: bool = False, repeats: int | None = None, warmup: int | None = None,
-                   threads: int | None = None, world_size: int = SYNC_WORLD_SIZE) -> list[dict]:
+def sync_benchmark(
+    *,
+    quick: bool = False,
+    repeats: int | None = None,
+    warmup: int | None = None,
+    threads: int | None = None,
+    world_size: int = SYNC_WORLD_SIZE,
+) -> list[dict]:
     """Synchronized against local training of case B, in ``world_size`` gloo processes here.
 
     Each process holds its own case-B batch, as under DDP, and times a layer with
@@ -883,16 +963,24 @@ def format_sync_table(rows: Sequence[dict], header: dict) -> str:
     ]
     columns = ["mode", "local ms", "synchronized ms", "sync/local", "collectives ms", "collectives share"]
     table = [columns] + [
-        [MODE_LABELS[r["mode"]], _fmt(r["local_ms"], 3), _fmt(r["synchronized_ms"], 3),
-         _fmt(r["synchronized_over_local"], 2, "x"), _fmt(r["collectives_ms"], 3),
-         _fmt(100 * r["collectives_share"], 1, " %")]
-        for r in rows if r["rank"] == 0
+        [
+            MODE_LABELS[r["mode"]],
+            _fmt(r["local_ms"], 3),
+            _fmt(r["synchronized_ms"], 3),
+            _fmt(r["synchronized_over_local"], 2, "x"),
+            _fmt(r["collectives_ms"], 3),
+            _fmt(100 * r["collectives_share"], 1, " %"),
+        ]
+        for r in rows
+        if r["rank"] == 0
     ]
     widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
     for line in table:
         lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(line, widths))))
-    lines.append("collectives: one all_gather per forward (the statistics), one all_reduce per backward "
-                 "(the gradient sums); their time includes waiting for the other process")
+    lines.append(
+        "collectives: one all_gather per forward (the statistics), one all_reduce per backward "
+        "(the gradient sums); their time includes waiting for the other process"
+    )
     return "\n".join(lines)
 
 
@@ -902,10 +990,15 @@ def _run_sync(args: argparse.Namespace, command: str) -> dict:
     started = time.perf_counter()
     rows = sync_benchmark(quick=args.quick, repeats=args.repeats, warmup=args.warmup, threads=args.threads)
     header = {
-        "torch": torch.__version__, "world_size": SYNC_WORLD_SIZE, "command": command,
+        "torch": torch.__version__,
+        "world_size": SYNC_WORLD_SIZE,
+        "command": command,
         **{key: rows[0][key] for key in ("threads", "repeats", "warmup")},
-        "quick": args.quick, "cpu_count": os.cpu_count(), "loadavg": _loadavg(),
-        "allocator": allocator_settings(), "elapsed_s": time.perf_counter() - started,
+        "quick": args.quick,
+        "cpu_count": os.cpu_count(),
+        "loadavg": _loadavg(),
+        "allocator": allocator_settings(),
+        "elapsed_s": time.perf_counter() - started,
     }
     print(format_sync_table(rows, header), flush=True)
     return {"header": header, "rows": rows}
@@ -913,8 +1006,10 @@ def _run_sync(args: argparse.Namespace, command: str) -> dict:
 
 # ------------------------------------------------------------------------- command line
 
+
 def _number_argument(convert: Callable[[str], Any], accept: Callable[[Any], bool], expected: str):
     """An argparse ``type``: ``convert(text)``, refused unless ``accept`` holds, naming ``expected``."""
+
     def parse(text: str):
         try:
             value = convert(text)
@@ -923,6 +1018,7 @@ def _number_argument(convert: Callable[[str], Any], accept: Callable[[Any], bool
         if value is None or not accept(value):
             raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
         return value
+
     return parse
 
 
@@ -947,43 +1043,96 @@ def _modes_arg(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser`` (the dispatcher calls :func:`run` with the result)."""
-    parser.add_argument("--cases", type=_cases_arg, default="".join(CASES), metavar="LETTERS",
-                        help="cases to run, e.g. BEF or B,E,F (default: %(default)s): "
-                             + "; ".join(c.describe() for c in CASES.values()).replace("%", "%%"))
-    parser.add_argument("--modes", type=_modes_arg, default=list(MODES), metavar="LIST",
-                        help=f"comma-separated among {', '.join(MODES)} (default: all)")
-    parser.add_argument("--repeats", type=positive_int, default=None, metavar="N",
-                        help=f"timed round-robin repetitions; the median is reported "
-                             f"(default: {FULL_REPEATS}, --quick: {QUICK_REPEATS})")
-    parser.add_argument("--warmup", type=_non_negative_int, default=None, metavar="N",
-                        help=f"untimed rounds first (default: {FULL_WARMUP}, --quick: {QUICK_WARMUP})")
-    parser.add_argument("--threads", type=positive_int, default=None, metavar="N",
-                        help="torch.set_num_threads for the run (default: torch's current value)")
-    parser.add_argument("--device", default="cpu", metavar="DEVICE",
-                        help="torch device, e.g. cpu or cuda (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true",
-                        help=f"sizes divided by {QUICK_DIVISOR}, fewer repetitions: seconds, for smoke tests")
-    parser.add_argument("--no-keras", dest="keras", action="store_false",
-                        help="leave Keras out (it is included when installed)")
-    parser.add_argument("--min-sample-ms", type=_positive_float, default=1.0, metavar="MS",
-                        help="repeat tiny calls inside a sample until it lasts this long (default: %(default)s)")
-    parser.add_argument("--json", default=None, metavar="PATH",
-                        help="also write the header and rows as JSON to PATH")
-    parser.add_argument("--tuned-malloc", action="store_true",
-                        help="re-run in a subprocess with " + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items())
-                             + " so glibc reuses big buffers instead of mapping them afresh "
-                               "(default: this process's allocator settings, normally glibc defaults)")
-    parser.add_argument("--sync", action="store_true",
-                        help=f"instead: time synchronized=True against local statistics in training (case "
-                             f"{SYNC_CASE}, forward and forward+backward) in {SYNC_WORLD_SIZE} gloo processes "
-                             "on this machine, and the collectives' share (honours --quick, --repeats, "
-                             "--warmup, --threads, --json, --tuned-malloc)")
+    parser.add_argument(
+        "--cases",
+        type=_cases_arg,
+        default="".join(CASES),
+        metavar="LETTERS",
+        help="cases to run, e.g. BEF or B,E,F (default: %(default)s): "
+        + "; ".join(c.describe() for c in CASES.values()).replace("%", "%%"),
+    )
+    parser.add_argument(
+        "--modes",
+        type=_modes_arg,
+        default=list(MODES),
+        metavar="LIST",
+        help=f"comma-separated among {', '.join(MODES)} (default: all)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help=f"timed round-robin repetitions; the median is reported "
+        f"(default: {FULL_REPEATS}, --quick: {QUICK_REPEATS})",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=None,
+        metavar="N",
+        help=f"untimed rounds first (default: {FULL_WARMUP}, --quick: {QUICK_WARMUP})",
+    )
+    parser.add_argument(
+        "--threads",
+        type=positive_int,
+        default=None,
+        metavar="N",
+        help="torch.set_num_threads for the run (default: torch's current value)",
+    )
+    parser.add_argument(
+        "--device", default="cpu", metavar="DEVICE", help="torch device, e.g. cpu or cuda (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"sizes divided by {QUICK_DIVISOR}, fewer repetitions: seconds, for smoke tests",
+    )
+    parser.add_argument(
+        "--no-keras", dest="keras", action="store_false", help="leave Keras out (it is included when installed)"
+    )
+    parser.add_argument(
+        "--min-sample-ms",
+        type=_positive_float,
+        default=1.0,
+        metavar="MS",
+        help="repeat tiny calls inside a sample until it lasts this long (default: %(default)s)",
+    )
+    parser.add_argument("--json", default=None, metavar="PATH", help="also write the header and rows as JSON to PATH")
+    parser.add_argument(
+        "--tuned-malloc",
+        action="store_true",
+        help="re-run in a subprocess with "
+        + " ".join(f"{k}={v}" for k, v in TUNED_MALLOC_ENV.items())
+        + " so glibc reuses big buffers instead of mapping them afresh "
+        "(default: this process's allocator settings, normally glibc defaults)",
+    )
+    parser.add_argument(
+        "--sync",
+        action="store_true",
+        help=f"instead: time synchronized=True against local statistics in training (case "
+        f"{SYNC_CASE}, forward and forward+backward) in {SYNC_WORLD_SIZE} gloo processes "
+        "on this machine, and the collectives' share (honours --quick, --repeats, "
+        "--warmup, --threads, --json, --tuned-malloc)",
+    )
     parser.add_argument("--command", dest="command_line", default=None, help=argparse.SUPPRESS)
 
 
 def _child_argv(args: argparse.Namespace, json_path: str, command: str) -> list[str]:
-    argv = ["--cases", args.cases, "--modes", ",".join(args.modes), "--device", str(args.device),
-            "--min-sample-ms", repr(args.min_sample_ms), "--json", json_path, "--command", command]
+    argv = [
+        "--cases",
+        args.cases,
+        "--modes",
+        ",".join(args.modes),
+        "--device",
+        str(args.device),
+        "--min-sample-ms",
+        repr(args.min_sample_ms),
+        "--json",
+        json_path,
+        "--command",
+        command,
+    ]
     for option, value in (("--repeats", args.repeats), ("--warmup", args.warmup), ("--threads", args.threads)):
         if value is not None:
             argv += [option, str(value)]
@@ -1017,17 +1166,34 @@ def run(args: argparse.Namespace) -> dict:
     if args.sync:
         return _write_json(args, _run_sync(args, command))
     started = time.perf_counter()
-    header = describe_environment(device=args.device, threads=args.threads, repeats=args.repeats,
-                                  warmup=args.warmup, quick=args.quick, keras=args.keras,
-                                  cases=args.cases, modes=args.modes,
-                                  min_sample_ms=args.min_sample_ms, command=command)
+    header = describe_environment(
+        device=args.device,
+        threads=args.threads,
+        repeats=args.repeats,
+        warmup=args.warmup,
+        quick=args.quick,
+        keras=args.keras,
+        cases=args.cases,
+        modes=args.modes,
+        min_sample_ms=args.min_sample_ms,
+        command=command,
+    )
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    rows = benchmark(cases=args.cases, modes=args.modes, repeats=args.repeats, threads=args.threads,
-                     quick=args.quick, keras=args.keras, device=args.device, warmup=args.warmup,
-                     min_sample_ms=args.min_sample_ms, progress=progress)
+    rows = benchmark(
+        cases=args.cases,
+        modes=args.modes,
+        repeats=args.repeats,
+        threads=args.threads,
+        quick=args.quick,
+        keras=args.keras,
+        device=args.device,
+        warmup=args.warmup,
+        min_sample_ms=args.min_sample_ms,
+        progress=progress,
+    )
     header["elapsed_s"] = time.perf_counter() - started
     header["loadavg_end"] = _loadavg()
     print(format_table(rows, header), flush=True)
@@ -1048,7 +1214,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m batchnorm.bench",
         description="Time batchnorm.BatchNormalization against torch's native batch norm, Keras 3 "
-                    "and the copy floor; print a table, optionally write JSON.")
+        "and the copy floor; print a table, optionally write JSON.",
+    )
     add_arguments(parser)
     run(parser.parse_args(argv))
     return 0

@@ -29,9 +29,8 @@ __all__ = ["Constraint", "MaxNorm", "MinMaxNorm", "NonNeg", "UnitNorm", "get", "
 EPSILON = 1e-7
 """Keras's ``backend.epsilon()``, added to the norms in the denominators."""
 
-Axis = Union[int, Sequence[int]]
-ConstraintLike = Union[None, str, Mapping[str, Any], "Constraint",
-                       Callable[[torch.Tensor], torch.Tensor]]
+Axis = int | Sequence[int]
+ConstraintLike = Union[None, str, Mapping[str, Any], "Constraint", Callable[[torch.Tensor], torch.Tensor]]
 
 
 class Constraint(Configurable):
@@ -49,8 +48,7 @@ def _check_axis(axis: Axis) -> Axis:
     """An int or a non-empty list/tuple of ints, returned as given."""
     if isinstance(axis, Sequence) and not isinstance(axis, (str, bytes)):
         if len(axis) == 0:
-            raise ValueError("Invalid value for argument axis: expected at least one axis, "
-                             f"received axis={axis!r}")
+            raise ValueError(f"Invalid value for argument axis: expected at least one axis, received axis={axis!r}")
         checked = [check_int(a, "axis") for a in axis]
         return checked if isinstance(axis, list) else tuple(checked)
     return check_int(axis, "axis")
@@ -72,8 +70,7 @@ class _NormConstraint(Constraint):
     def __call__(self, weight: torch.Tensor) -> torch.Tensor:
         axes = [self.axis] if isinstance(self.axis, int) else list(self.axis)
         if any(not -weight.dim() <= a < weight.dim() for a in axes):
-            raise ValueError(f"Invalid axis={self.axis!r} for a weight of shape "
-                             f"{tuple(weight.shape)}")
+            raise ValueError(f"Invalid axis={self.axis!r} for a weight of shape {tuple(weight.shape)}")
         w = weight if weight.dtype == torch.float64 else weight.to(torch.float32)
         norms = w.square().sum(dim=axes, keepdim=True).sqrt()
         return (w * (self._desired(norms) / (EPSILON + norms))).to(weight.dtype)
@@ -116,8 +113,7 @@ class MinMaxNorm(_NormConstraint):
         axis: Axis or axes along which the norms are taken.
     """
 
-    def __init__(self, min_value: float = 0.0, max_value: float = 1.0, rate: float = 1.0,
-                 axis: Axis = 0) -> None:
+    def __init__(self, min_value: float = 0.0, max_value: float = 1.0, rate: float = 1.0, axis: Axis = 0) -> None:
         self.min_value = check_real(min_value, "min_value", minimum=0.0)
         self.max_value = check_real(max_value, "max_value", minimum=self.min_value)
         self.rate = check_real(rate, "rate", minimum=0.0, maximum=1.0)
@@ -128,8 +124,7 @@ class MinMaxNorm(_NormConstraint):
         return self.rate * clipped + (1 - self.rate) * norms
 
     def get_config(self) -> dict[str, Any]:
-        return {"min_value": self.min_value, "max_value": self.max_value,
-                "rate": self.rate, **super().get_config()}
+        return {"min_value": self.min_value, "max_value": self.max_value, "rate": self.rate, **super().get_config()}
 
 
 @_REGISTRY.register("unit_norm")
@@ -152,8 +147,7 @@ class NonNeg(Constraint):
         return weight.clamp_min(0)
 
 
-def get(identifier: ConstraintLike, *, argument: str | None = None
-        ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def get(identifier: ConstraintLike, *, argument: str | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Resolve a constraint identifier.
 
     Args:
@@ -172,8 +166,7 @@ def get(identifier: ConstraintLike, *, argument: str | None = None
     return _REGISTRY.get(identifier, argument=argument)
 
 
-def serialize(constraint: Callable[[torch.Tensor], torch.Tensor] | None
-              ) -> dict[str, Any] | None:
+def serialize(constraint: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, Any] | None:
     """Serialize a constraint to Keras 3's dict format.
 
     A built-in gives exactly Keras's dict, e.g. ``{"module": "keras.constraints",

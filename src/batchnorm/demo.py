@@ -30,17 +30,18 @@ from batchnorm import BatchNormalization, set_trainable
 
 __all__ = ["run_demo", "build_model", "bn_buffers", "buffers_equal"]
 
-BATCH_SIZE = 16          # training batch size (84 steps per epoch)
-MAX_LR = 1e-3            # peak of the one-cycle learning-rate schedule (Adam)
-SMALL_BATCH = 4          # test batch size for the "forced training mode" comparison
-FINETUNE_STEPS = 60      # steps of the new head on the frozen backbone
-TRACKED_LAYER = 0        # index (among the BatchNormalization layers) of the layer in the figure:
-                         # the first, so its inputs depend on the conv weights in front of it only
-TRACKED_CHANNELS = 3     # how many of its channels the figure shows
+BATCH_SIZE = 16  # training batch size (84 steps per epoch)
+MAX_LR = 1e-3  # peak of the one-cycle learning-rate schedule (Adam)
+SMALL_BATCH = 4  # test batch size for the "forced training mode" comparison
+FINETUNE_STEPS = 60  # steps of the new head on the frozen backbone
+TRACKED_LAYER = 0  # index (among the BatchNormalization layers) of the layer in the figure:
+# the first, so its inputs depend on the conv weights in front of it only
+TRACKED_CHANNELS = 3  # how many of its channels the figure shows
 FIGURE_NAME = "batchnorm_demo.png"
 
 
 # --------------------------------------------------------------------------------------- model
+
 
 class NHWC(nn.Module):
     """Apply an NCHW module (conv, pooling) to a channels-last NHWC tensor.
@@ -65,21 +66,20 @@ class GlobalAvgPoolNHWC(nn.Module):
 
 def _conv_block(c_in: int, c_out: int) -> list[nn.Module]:
     # Conv without bias: the BatchNormalization's beta plays that part (as usual in Keras).
-    return [NHWC(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)),
-            BatchNormalization(axis=-1), nn.ReLU()]
+    return [NHWC(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False)), BatchNormalization(axis=-1), nn.ReLU()]
 
 
 def build_model(n_classes: int = 10) -> nn.Sequential:
     """``Sequential(backbone, head)``; every activation is channels-last, every
     BatchNormalization normalizes the last axis (on 4-D maps and on 2-D features)."""
     backbone = nn.Sequential(
-        *_conv_block(1, 32),                 # (N, 8, 8, 1)  -> (N, 8, 8, 32)
-        *_conv_block(32, 64),                # -> (N, 8, 8, 64)
-        NHWC(nn.MaxPool2d(2)),               # -> (N, 4, 4, 64)
-        *_conv_block(64, 64),                # -> (N, 4, 4, 64)
-        GlobalAvgPoolNHWC(),                 # -> (N, 64)
+        *_conv_block(1, 32),  # (N, 8, 8, 1)  -> (N, 8, 8, 32)
+        *_conv_block(32, 64),  # -> (N, 8, 8, 64)
+        NHWC(nn.MaxPool2d(2)),  # -> (N, 4, 4, 64)
+        *_conv_block(64, 64),  # -> (N, 4, 4, 64)
+        GlobalAvgPoolNHWC(),  # -> (N, 64)
         nn.Linear(64, 64, bias=False),
-        BatchNormalization(axis=-1),         # on (N, 64): 2-D features
+        BatchNormalization(axis=-1),  # on (N, 64): 2-D features
         nn.ReLU(),
     )
     head = nn.Linear(64, n_classes)
@@ -106,6 +106,7 @@ def buffers_equal(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 
 # ---------------------------------------------------------------------------------------- data
 
+
 @dataclass
 class _Digits:
     """scikit-learn's 8x8 digits as channels-last ``(N, 8, 8, 1)`` images in [0, 1], split 3:1."""
@@ -124,7 +125,8 @@ def _load_digits(seed: int) -> _Digits:
     x = torch.tensor(digits.images, dtype=torch.float32).div_(16.0).unsqueeze(-1)  # (N, 8, 8, 1)
     y = torch.tensor(digits.target, dtype=torch.long)
     idx_train, idx_test = train_test_split(
-        torch.arange(len(y)).numpy(), test_size=0.25, stratify=digits.target, random_state=seed)
+        torch.arange(len(y)).numpy(), test_size=0.25, stratify=digits.target, random_state=seed
+    )
     idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
     return _Digits(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
 
@@ -133,15 +135,15 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
     """Shuffled index batches; drops the last incomplete batch (so no tiny batch feeds the statistics)."""
     perm = torch.randperm(n, generator=generator)
     for start in range(0, n - batch_size + 1, batch_size):
-        yield perm[start:start + batch_size]
+        yield perm[start : start + batch_size]
 
 
 @torch.no_grad()
 def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
     correct = 0
     for start in range(0, len(y), batch_size):
-        logits = model(x[start:start + batch_size])
-        correct += (logits.argmax(-1) == y[start:start + batch_size]).sum().item()
+        logits = model(x[start : start + batch_size])
+        correct += (logits.argmax(-1) == y[start : start + batch_size]).sum().item()
     return correct / len(y)
 
 
@@ -156,7 +158,7 @@ def _population_stats(model: nn.Module, layer: BatchNormalization, x: torch.Tens
 
     handle = layer.register_forward_pre_hook(hook)
     was_training = model.training
-    model.eval()   # inference: no buffer is written while we look
+    model.eval()  # inference: no buffer is written while we look
     try:
         model(x)
     finally:
@@ -168,14 +170,16 @@ def _population_stats(model: nn.Module, layer: BatchNormalization, x: torch.Tens
 
 # ------------------------------------------------------------------------------------ training
 
+
 @dataclass
 class _Training:
     """What training leaves for the report and the figure: per-epoch ``history``, the tracked
     layer's moving statistics before the first step and after every step, the time it took."""
 
     steps_per_epoch: int
-    history: dict[str, list] = field(default_factory=lambda: {
-        "epoch": [], "train_loss": [], "train_accuracy": [], "test_accuracy": []})
+    history: dict[str, list] = field(
+        default_factory=lambda: {"epoch": [], "train_loss": [], "train_accuracy": [], "test_accuracy": []}
+    )
     trace_mean: list[torch.Tensor] = field(default_factory=list)
     trace_var: list[torch.Tensor] = field(default_factory=list)
     seconds: float = 0.0
@@ -184,8 +188,7 @@ class _Training:
         self.trace_mean.append(layer.moving_mean.detach().clone())
         self.trace_var.append(layer.moving_variance.detach().clone())
 
-    def record_epoch(self, epoch: int, train_loss: float, train_accuracy: float,
-                     test_accuracy: float) -> None:
+    def record_epoch(self, epoch: int, train_loss: float, train_accuracy: float, test_accuracy: float) -> None:
         self.history["epoch"].append(epoch)
         self.history["train_loss"].append(train_loss)
         self.history["train_accuracy"].append(train_accuracy)
@@ -202,8 +205,14 @@ def _built_model(x: torch.Tensor) -> nn.Sequential:
     return model
 
 
-def _train(model: nn.Module, tracked: BatchNormalization, data: _Digits, epochs: int,
-           generator: torch.Generator, progress: bool) -> _Training:
+def _train(
+    model: nn.Module,
+    tracked: BatchNormalization,
+    data: _Digits,
+    epochs: int,
+    generator: torch.Generator,
+    progress: bool,
+) -> _Training:
     """Adam under a one-cycle learning-rate schedule, ``epochs`` passes in batches of BATCH_SIZE.
 
     Records the loss and accuracies of every epoch (test accuracy in inference mode) and
@@ -213,11 +222,10 @@ def _train(model: nn.Module, tracked: BatchNormalization, data: _Digits, epochs:
 
     run = _Training(steps_per_epoch=len(data.y_train) // BATCH_SIZE)
     total_steps = epochs * run.steps_per_epoch
-    optimizer = torch.optim.Adam(model.parameters())   # lr set by the one-cycle schedule
+    optimizer = torch.optim.Adam(model.parameters())  # lr set by the one-cycle schedule
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=MAX_LR, total_steps=total_steps)
     run.record_statistics(tracked)
-    bar = tqdm(total=total_steps, unit="step", disable=not progress, desc="training",
-               dynamic_ncols=True)
+    bar = tqdm(total=total_steps, unit="step", disable=not progress, desc="training", dynamic_ncols=True)
 
     def after_step() -> None:
         run.record_statistics(tracked)
@@ -225,21 +233,24 @@ def _train(model: nn.Module, tracked: BatchNormalization, data: _Digits, epochs:
 
     t0 = time.perf_counter()
     for epoch in range(1, epochs + 1):
-        train_loss, train_accuracy = _train_epoch(model, optimizer, schedule, data, generator,
-                                                  after_step)
+        train_loss, train_accuracy = _train_epoch(model, optimizer, schedule, data, generator, after_step)
         model.eval()
         test_accuracy = _accuracy(model, data.x_test, data.y_test, 256)
         run.record_epoch(epoch, train_loss, train_accuracy, test_accuracy)
-        bar.set_postfix_str(f"epoch {epoch}/{epochs}, loss {train_loss:.3f}, "
-                            f"test acc {100 * test_accuracy:.1f}%")
+        bar.set_postfix_str(f"epoch {epoch}/{epochs}, loss {train_loss:.3f}, test acc {100 * test_accuracy:.1f}%")
     run.seconds = time.perf_counter() - t0
     bar.close()
     return run
 
 
-def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
-                 schedule: torch.optim.lr_scheduler.LRScheduler, data: _Digits,
-                 generator: torch.Generator, after_step: Callable[[], None]) -> tuple[float, float]:
+def _train_epoch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    schedule: torch.optim.lr_scheduler.LRScheduler,
+    data: _Digits,
+    generator: torch.Generator,
+    after_step: Callable[[], None],
+) -> tuple[float, float]:
     """One shuffled pass in training mode; the mean loss and the accuracy over its batches."""
     model.train()
     loss_sum = correct = seen = 0
@@ -259,6 +270,7 @@ def _train_epoch(model: nn.Module, optimizer: torch.optim.Optimizer,
 
 # ------------------------------------------------------------------------------ the three parts
 
+
 @dataclass
 class _ModeAccuracies:
     """(a) Test accuracies of the trained model in inference mode, and of a copy of it forced into
@@ -272,10 +284,12 @@ class _ModeAccuracies:
 def _accuracy_by_mode(model: nn.Module, data: _Digits) -> _ModeAccuracies:
     model.eval()
     inference = _accuracy(model, data.x_test, data.y_test, 256)
-    forced = copy.deepcopy(model).train()   # a copy: training-mode calls update moving statistics
-    return _ModeAccuracies(inference=inference,
-                           small_batch=_accuracy(forced, data.x_test, data.y_test, SMALL_BATCH),
-                           full_batch=_accuracy(forced, data.x_test, data.y_test, len(data.y_test)))
+    forced = copy.deepcopy(model).train()  # a copy: training-mode calls update moving statistics
+    return _ModeAccuracies(
+        inference=inference,
+        small_batch=_accuracy(forced, data.x_test, data.y_test, SMALL_BATCH),
+        full_batch=_accuracy(forced, data.x_test, data.y_test, len(data.y_test)),
+    )
 
 
 @dataclass
@@ -289,8 +303,7 @@ class _FineTuning:
     frozen_layers: int
 
 
-def _fine_tune_new_head(model: nn.Sequential, data: _Digits,
-                        generator: torch.Generator) -> _FineTuning:
+def _fine_tune_new_head(model: nn.Sequential, data: _Digits, generator: torch.Generator) -> _FineTuning:
     """Freeze the backbone with ``set_trainable(backbone, False)`` and train a new head for
     FINETUNE_STEPS steps in ``model.train()`` mode, the usual loop: the frozen layers must stay in
     inference mode, so their moving statistics must not move."""
@@ -304,10 +317,13 @@ def _fine_tune_new_head(model: nn.Sequential, data: _Digits,
     after = bn_buffers(backbone)
     weights_unchanged = all(torch.equal(a, b) for a, b in zip(weights_before, backbone.parameters()))
     finetuned.eval()
-    return _FineTuning(accuracy=_accuracy(finetuned, data.x_test, data.y_test, 256),
-                       buffers_unchanged=buffers_equal(before, after),
-                       weights_unchanged=weights_unchanged,
-                       buffers_checked=len(after), frozen_layers=len(bn_layers(backbone)))
+    return _FineTuning(
+        accuracy=_accuracy(finetuned, data.x_test, data.y_test, 256),
+        buffers_unchanged=buffers_equal(before, after),
+        weights_unchanged=weights_unchanged,
+        buffers_checked=len(after),
+        frozen_layers=len(bn_layers(backbone)),
+    )
 
 
 def _train_steps(model: nn.Module, data: _Digits, generator: torch.Generator, steps: int) -> None:
@@ -325,23 +341,25 @@ def _train_steps(model: nn.Module, data: _Digits, generator: torch.Generator, st
                 break
 
 
-def _figure_of_moving_statistics(path: Path, model: nn.Module, tracked: BatchNormalization,
-                                 data: _Digits, training: _Training) -> tuple[Path, float]:
+def _figure_of_moving_statistics(
+    path: Path, model: nn.Module, tracked: BatchNormalization, data: _Digits, training: _Training
+) -> tuple[Path, float]:
     """(c) Draw the figure; return its path and how far the tracked layer's final moving means
     are from the population means of its inputs, in population standard deviations (the most
     over its channels)."""
     pop_mean, pop_var = _population_stats(model, tracked, data.x_train)
     trace_mean, trace_var = torch.stack(training.trace_mean), torch.stack(training.trace_var)
-    png = _draw_figure(path, training.history, trace_mean, trace_var, pop_mean, pop_var,
-                       training.steps_per_epoch, tracked.momentum)
+    png = _draw_figure(
+        path, training.history, trace_mean, trace_var, pop_mean, pop_var, training.steps_per_epoch, tracked.momentum
+    )
     gap = ((trace_mean[-1] - pop_mean).abs() / pop_var.sqrt()).max().item()
     return png, gap
 
 
 # ---------------------------------------------------------------------------------------- demo
 
-def run_demo(epochs: int = 25, seed: int = 0, out_dir: str | Path = "demo-out",
-             progress: bool = True) -> dict:
+
+def run_demo(epochs: int = 25, seed: int = 0, out_dir: str | Path = "demo-out", progress: bool = True) -> dict:
     """Train, compare, fine-tune, draw; print a short report and return its figures.
 
     Returns a dict with: ``epochs``, ``seed``, ``train_seconds``, ``final_train_loss``,
@@ -390,47 +408,67 @@ def run_demo(epochs: int = 25, seed: int = 0, out_dir: str | Path = "demo-out",
 
 # ------------------------------------------------------------------------------------- report
 
+
 def _pct(a: float) -> str:
     return f"{100 * a:5.1f} %"
 
 
 def _print_setup(model: nn.Module, data: _Digits) -> None:
-    print("batchnorm demo: a small channels-last CNN with BatchNormalization(axis=-1), "
-          "on scikit-learn's 8x8 digits, on CPU")
-    print(f"  {len(data.y_train)} training / {len(data.y_test)} test images; "
-          f"{len(bn_layers(model))} BatchNormalization layers; "
-          f"{sum(p.numel() for p in model.parameters()):,} parameters", flush=True)
+    print(
+        "batchnorm demo: a small channels-last CNN with BatchNormalization(axis=-1), "
+        "on scikit-learn's 8x8 digits, on CPU"
+    )
+    print(
+        f"  {len(data.y_train)} training / {len(data.y_test)} test images; "
+        f"{len(bn_layers(model))} BatchNormalization layers; "
+        f"{sum(p.numel() for p in model.parameters()):,} parameters",
+        flush=True,
+    )
 
 
 def _print_training(training: _Training, epochs: int) -> None:
-    print(f"Trained {epochs} epoch{'s' * (epochs != 1)} ({epochs * training.steps_per_epoch} steps, "
-          f"batches of {BATCH_SIZE}) in {training.seconds:.1f} s; final training loss "
-          f"{training.history['train_loss'][-1]:.3f}.")
+    print(
+        f"Trained {epochs} epoch{'s' * (epochs != 1)} ({epochs * training.steps_per_epoch} steps, "
+        f"batches of {BATCH_SIZE}) in {training.seconds:.1f} s; final training loss "
+        f"{training.history['train_loss'][-1]:.3f}."
+    )
 
 
 def _print_modes(acc: _ModeAccuracies, n_test: int, momentum: float) -> None:
     print()
     print("(a) Test accuracy, inference mode vs the same model forced into training mode")
-    print(f"    {_pct(acc.inference)}  model.eval(): moving statistics, so a prediction does not "
-          "depend on its batch-mates")
-    print(f"    {_pct(acc.full_batch)}  model.train(), the {n_test} test images as one batch: "
-          "its statistics are close to the moving ones")
-    print(f"    {_pct(acc.small_batch)}  model.train(), batches of {SMALL_BATCH}: the statistics of "
-          f"{SMALL_BATCH} images are noisy, so are the outputs")
+    print(
+        f"    {_pct(acc.inference)}  model.eval(): moving statistics, so a prediction does not "
+        "depend on its batch-mates"
+    )
+    print(
+        f"    {_pct(acc.full_batch)}  model.train(), the {n_test} test images as one batch: "
+        "its statistics are close to the moving ones"
+    )
+    print(
+        f"    {_pct(acc.small_batch)}  model.train(), batches of {SMALL_BATCH}: the statistics of "
+        f"{SMALL_BATCH} images are noisy, so are the outputs"
+    )
     if acc.inference < acc.full_batch - 0.02:
-        print(f"    (inference trails: the moving statistics still remember their start values; "
-              f"momentum {momentum:g} averages\n     over ~{1 / (1 - momentum):.0f} "
-              "steps. Train for more epochs.)")
+        print(
+            f"    (inference trails: the moving statistics still remember their start values; "
+            f"momentum {momentum:g} averages\n     over ~{1 / (1 - momentum):.0f} "
+            "steps. Train for more epochs.)"
+        )
 
 
 def _print_fine_tuning(result: _FineTuning) -> None:
     print()
-    print(f"(b) A new head trained for {FINETUNE_STEPS} steps under model.train(), backbone frozen "
-          "by set_trainable(backbone, False)")
+    print(
+        f"(b) A new head trained for {FINETUNE_STEPS} steps under model.train(), backbone frozen "
+        "by set_trainable(backbone, False)"
+    )
     print(f"    {_pct(result.accuracy)}  test accuracy of the new head on the frozen backbone's features")
     verdict = "    YES    " if result.buffers_unchanged else "    NO!    "
-    print(f"{verdict}moving statistics of the {result.frozen_layers} frozen layers bit-for-bit "
-          f"unchanged (torch.equal on {result.buffers_checked} buffers)")
+    print(
+        f"{verdict}moving statistics of the {result.frozen_layers} frozen layers bit-for-bit "
+        f"unchanged (torch.equal on {result.buffers_checked} buffers)"
+    )
     if not result.weights_unchanged:
         print("    NO!    the frozen backbone's weights changed")
 
@@ -438,16 +476,26 @@ def _print_fine_tuning(result: _FineTuning) -> None:
 def _print_figure(png: Path, gap: float) -> None:
     print()
     print(f"(c) Figure: {png}")
-    print("    the training curve, and the 1st BatchNormalization layer's moving mean/variance "
-          "reaching the\n    mean/variance of its inputs over the training set "
-          f"(final gap in the means: {gap:.2g} standard deviations)")
+    print(
+        "    the training curve, and the 1st BatchNormalization layer's moving mean/variance "
+        "reaching the\n    mean/variance of its inputs over the training set "
+        f"(final gap in the means: {gap:.2g} standard deviations)"
+    )
 
 
 # -------------------------------------------------------------------------------------- figure
 
-def _draw_figure(path: Path, history: dict, trace_mean: torch.Tensor, trace_var: torch.Tensor,
-                 pop_mean: torch.Tensor, pop_var: torch.Tensor, steps_per_epoch: int,
-                 momentum: float) -> Path:
+
+def _draw_figure(
+    path: Path,
+    history: dict,
+    trace_mean: torch.Tensor,
+    trace_var: torch.Tensor,
+    pop_mean: torch.Tensor,
+    pop_var: torch.Tensor,
+    steps_per_epoch: int,
+    momentum: float,
+) -> Path:
     """Write the PNG: the training curve, and the tracked layer's moving statistics per step
     against the population statistics of its inputs."""
     # Figure + Agg canvas directly: no pyplot, so no global backend is switched or window opened.
@@ -458,11 +506,13 @@ def _draw_figure(path: Path, history: dict, trace_mean: torch.Tensor, trace_var:
     FigureCanvasAgg(fig)
     ax_loss, ax_mean, ax_var = fig.subplots(1, 3)
     _plot_training_curve(ax_loss, history)
-    _plot_moving_statistics(ax_mean, ax_var, trace_mean, trace_var, pop_mean, pop_var,
-                            steps_per_epoch, momentum)
-    fig.suptitle("Solid: the layer's moving statistics during training, for 3 of its channels.   "
-                 "Dashed: mean/variance of the layer's inputs over the whole training set, "
-                 "with the final weights in front of it.", fontsize=9)
+    _plot_moving_statistics(ax_mean, ax_var, trace_mean, trace_var, pop_mean, pop_var, steps_per_epoch, momentum)
+    fig.suptitle(
+        "Solid: the layer's moving statistics during training, for 3 of its channels.   "
+        "Dashed: mean/variance of the layer's inputs over the whole training set, "
+        "with the final weights in front of it.",
+        fontsize=9,
+    )
 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -476,27 +526,49 @@ def _plot_training_curve(ax_loss, history: dict) -> None:
     ax_loss.set_ylabel("cross-entropy (training)", color="tab:blue")
     ax_loss.set_yscale("log")
     ax_acc = ax_loss.twinx()
-    ax_acc.plot(history["epoch"], [100 * a for a in history["train_accuracy"]], "s--",
-                color="tab:orange", label="training accuracy (batch statistics)")
-    ax_acc.plot(history["epoch"], [100 * a for a in history["test_accuracy"]], "^-",
-                color="tab:green",
-                label="test accuracy (inference mode: moving\nstatistics, which lag in the first epochs)")
+    ax_acc.plot(
+        history["epoch"],
+        [100 * a for a in history["train_accuracy"]],
+        "s--",
+        color="tab:orange",
+        label="training accuracy (batch statistics)",
+    )
+    ax_acc.plot(
+        history["epoch"],
+        [100 * a for a in history["test_accuracy"]],
+        "^-",
+        color="tab:green",
+        label="test accuracy (inference mode: moving\nstatistics, which lag in the first epochs)",
+    )
     ax_acc.set_ylabel("accuracy (%)")
     lines = ax_loss.get_lines() + ax_acc.get_lines()
-    ax_loss.legend(lines, [ln.get_label() for ln in lines], loc="upper center", fontsize=8,
-                   bbox_to_anchor=(0.5, -0.13), ncol=2, frameon=False)
+    ax_loss.legend(
+        lines,
+        [ln.get_label() for ln in lines],
+        loc="upper center",
+        fontsize=8,
+        bbox_to_anchor=(0.5, -0.13),
+        ncol=2,
+        frameon=False,
+    )
     ax_loss.set_title("Training curve")
 
 
-def _plot_moving_statistics(ax_mean, ax_var, trace_mean: torch.Tensor, trace_var: torch.Tensor,
-                            pop_mean: torch.Tensor, pop_var: torch.Tensor, steps_per_epoch: int,
-                            momentum: float) -> None:
+def _plot_moving_statistics(
+    ax_mean,
+    ax_var,
+    trace_mean: torch.Tensor,
+    trace_var: torch.Tensor,
+    pop_mean: torch.Tensor,
+    pop_var: torch.Tensor,
+    steps_per_epoch: int,
+    momentum: float,
+) -> None:
     """TRACKED_CHANNELS channels' moving mean and variance per step (solid), and the population
     values they should reach (dashed)."""
     # Channels spread over the range of population means, so their curves don't overlap.
     order = torch.argsort(pop_mean)
-    picks = [int(order[round(i * (len(order) - 1) / max(TRACKED_CHANNELS - 1, 1))])
-             for i in range(TRACKED_CHANNELS)]
+    picks = [int(order[round(i * (len(order) - 1) / max(TRACKED_CHANNELS - 1, 1))]) for i in range(TRACKED_CHANNELS)]
     steps = torch.arange(len(trace_mean)).numpy()
     epochs_axis = [s / steps_per_epoch for s in steps]
     colors = ["tab:red", "tab:purple", "tab:cyan", "tab:olive", "tab:brown"]

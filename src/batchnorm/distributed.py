@@ -31,7 +31,8 @@ with the process group's own error: a closed connection, or its timeout.
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, NamedTuple
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -331,13 +332,23 @@ class _NormalizeByBatch(torch.autograd.Function):
 def _masked_or_group_backward(ctx, grad_y):
     view, gamma, mean, var, mask, count = ctx.saved_tensors
     grads = _statistics_backward(
-        grad_y.reshape(view.shape), view, mask, gamma, mean, var, ctx.count if count is None else count,
-        ctx.epsilon, ctx.needs_input_grad[:3], ctx.all_reduce,
+        grad_y.reshape(view.shape),
+        view,
+        mask,
+        gamma,
+        mean,
+        var,
+        ctx.count if count is None else count,
+        ctx.epsilon,
+        ctx.needs_input_grad[:3],
+        ctx.all_reduce,
     )
     return *grads, None, None, None, None, None, None
 
 
-def _gradient_sums(grad_y: Tensor, view: Tensor, gamma, mean: Tensor, var: Tensor, epsilon: float) -> tuple[Tensor, Tensor]:
+def _gradient_sums(
+    grad_y: Tensor, view: Tensor, gamma, mean: Tensor, var: Tensor, epsilon: float
+) -> tuple[Tensor, Tensor]:
     """``(sum(dy * xhat), sum(dy))`` per channel, from PyTorch's native inference backward."""
     if view.numel() == 0:  # the native kernel does not accept an empty input
         return torch.zeros_like(mean), torch.zeros_like(mean)

@@ -47,8 +47,8 @@ __all__ = [
     "serialize",
 ]
 
-ShapeLike = Union[int, Sequence[int], torch.Size]
-DTypeLike = Union[torch.dtype, str, None]
+ShapeLike = int | Sequence[int] | torch.Size
+DTypeLike = torch.dtype | str | None
 InitializerLike = Union[str, Mapping[str, Any], "Initializer", Callable[..., torch.Tensor]]
 
 # Standard deviation of a standard normal truncated to [-2, 2].
@@ -72,9 +72,15 @@ _REGISTRY: Registry[Initializer] = Registry(
     Initializer,
     allow_none=False,
     unsupported=(
-        "Identity", "identity", "IdentityInitializer",
-        "Orthogonal", "orthogonal", "OrthogonalInitializer",
-        "STFT", "stft", "STFTInitializer",
+        "Identity",
+        "identity",
+        "IdentityInitializer",
+        "Orthogonal",
+        "orthogonal",
+        "OrthogonalInitializer",
+        "STFT",
+        "stft",
+        "STFTInitializer",
     ),
 )
 
@@ -97,8 +103,7 @@ def _dtype(dtype: DTypeLike, *, floating: bool = False) -> torch.dtype:
         raise TypeError(f"Invalid value for argument dtype: not a torch dtype: dtype={dtype!r}")
     if floating and not resolved.is_floating_point:
         raise ValueError(
-            f"Invalid value for argument dtype: random initializers need a floating "
-            f"dtype, received dtype={dtype!r}"
+            f"Invalid value for argument dtype: random initializers need a floating dtype, received dtype={dtype!r}"
         )
     return resolved
 
@@ -144,15 +149,16 @@ class Constant(Initializer):
 # -- random initializers --------------------------------------------------------
 
 
-def _normal(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None,
-            mean: float, stddev: float) -> torch.Tensor:
+def _normal(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None, mean: float, stddev: float
+) -> torch.Tensor:
     """``mean + stddev * z`` with ``z ~ N(0, 1)``."""
     return mean + stddev * torch.randn(shape, generator=generator, dtype=dtype)
 
 
-def _truncated_normal(shape: tuple[int, ...], dtype: torch.dtype,
-                      generator: torch.Generator | None,
-                      mean: float, stddev: float) -> torch.Tensor:
+def _truncated_normal(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None, mean: float, stddev: float
+) -> torch.Tensor:
     """``mean + stddev * z`` with ``z ~ N(0, 1)`` conditioned on ``|z| <= 2``.
 
     Sampled by inverting the CDF: ``z = sqrt(2) * erfinv(v)`` with
@@ -167,8 +173,9 @@ def _truncated_normal(shape: tuple[int, ...], dtype: torch.dtype,
     return mean + stddev * z
 
 
-def _uniform(shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None,
-             minval: float, maxval: float) -> torch.Tensor:
+def _uniform(
+    shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None, minval: float, maxval: float
+) -> torch.Tensor:
     """``minval + (maxval - minval) * u`` with ``u ~ U[0, 1)``."""
     return minval + (maxval - minval) * torch.rand(shape, generator=generator, dtype=dtype)
 
@@ -189,8 +196,7 @@ class _RandomInitializer(Initializer):
         generator = None if self.seed is None else torch.Generator().manual_seed(self.seed)
         return self._sample(_shape(shape), work, generator).to(out)
 
-    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype,
-                generator: torch.Generator | None) -> torch.Tensor:
+    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
         raise NotImplementedError
 
     def get_config(self) -> dict[str, Any]:
@@ -219,8 +225,7 @@ class _MeanStdInitializer(_RandomInitializer):
 class RandomNormal(_MeanStdInitializer):
     """Normal distribution: ``x ~ N(mean, stddev**2)``. Arguments: ``mean=0.0, stddev=0.05, seed=None``."""
 
-    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype,
-                generator: torch.Generator | None) -> torch.Tensor:
+    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
         return _normal(shape, dtype, generator, self.mean, self.stddev)
 
 
@@ -232,8 +237,7 @@ class TruncatedNormal(_MeanStdInitializer):
     Arguments: ``mean=0.0, stddev=0.05, seed=None``.
     """
 
-    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype,
-                generator: torch.Generator | None) -> torch.Tensor:
+    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
         return _truncated_normal(shape, dtype, generator, self.mean, self.stddev)
 
 
@@ -247,22 +251,21 @@ class RandomUniform(_RandomInitializer):
         seed: ``int`` for reproducible draws, ``None`` for torch's global RNG.
     """
 
-    def __init__(self, minval: float = -0.05, maxval: float = 0.05,
-                 seed: int | None = None) -> None:
+    def __init__(self, minval: float = -0.05, maxval: float = 0.05, seed: int | None = None) -> None:
         self.minval = check_real(minval, "minval")
         self.maxval = check_real(maxval, "maxval", minimum=self.minval)
         super().__init__(seed)
 
-    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype,
-                generator: torch.Generator | None) -> torch.Tensor:
+    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
         return _uniform(shape, dtype, generator, self.minval, self.maxval)
 
     def get_config(self) -> dict[str, Any]:
         return {**super().get_config(), "minval": self.minval, "maxval": self.maxval}
 
 
-def compute_fans(shape: ShapeLike, input_axes: Sequence[int] | None = None,
-                 output_axes: Sequence[int] | None = None) -> tuple[int, int]:
+def compute_fans(
+    shape: ShapeLike, input_axes: Sequence[int] | None = None, output_axes: Sequence[int] | None = None
+) -> tuple[int, int]:
     """Return ``(fan_in, fan_out)`` for a weight shape, as Keras computes them.
 
     With both ``input_axes`` and ``output_axes`` given, each fan is the product
@@ -291,8 +294,7 @@ def _axes(axes: Sequence[int] | None, name: str) -> list[int] | None:
     if axes is None:
         return None
     if isinstance(axes, (str, bytes)) or not isinstance(axes, Sequence):
-        raise TypeError(f"Invalid value for argument {name}: expected a list of ints, "
-                        f"received {name}={axes!r}")
+        raise TypeError(f"Invalid value for argument {name}: expected a list of ints, received {name}={axes!r}")
     return [check_int(a, name) for a in axes]
 
 
@@ -319,27 +321,32 @@ class VarianceScaling(_RandomInitializer):
             ``fan_in`` / ``fan_out`` (used only when both are given), as Keras 3.15.
     """
 
-    def __init__(self, scale: float = 1.0, mode: str = "fan_in",
-                 distribution: str = "truncated_normal", seed: int | None = None,
-                 input_axes: Sequence[int] | None = None,
-                 output_axes: Sequence[int] | None = None) -> None:
+    def __init__(
+        self,
+        scale: float = 1.0,
+        mode: str = "fan_in",
+        distribution: str = "truncated_normal",
+        seed: int | None = None,
+        input_axes: Sequence[int] | None = None,
+        output_axes: Sequence[int] | None = None,
+    ) -> None:
         self.scale = check_real(scale, "scale", minimum=0.0, strict_minimum=True)
         if mode not in _MODES:
-            raise ValueError(f"Invalid value for argument mode: expected one of {_MODES}, "
-                             f"received mode={mode!r}")
+            raise ValueError(f"Invalid value for argument mode: expected one of {_MODES}, received mode={mode!r}")
         normalized = distribution.lower() if isinstance(distribution, str) else distribution
         normalized = "truncated_normal" if normalized == "normal" else normalized
         if normalized not in _DISTRIBUTIONS:
-            raise ValueError(f"Invalid value for argument distribution: expected one of "
-                             f"{_DISTRIBUTIONS}, received distribution={distribution!r}")
+            raise ValueError(
+                f"Invalid value for argument distribution: expected one of "
+                f"{_DISTRIBUTIONS}, received distribution={distribution!r}"
+            )
         self.mode = mode
         self.distribution = normalized
         self.input_axes = _axes(input_axes, "input_axes")
         self.output_axes = _axes(output_axes, "output_axes")
         super().__init__(seed)
 
-    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype,
-                generator: torch.Generator | None) -> torch.Tensor:
+    def _sample(self, shape: tuple[int, ...], dtype: torch.dtype, generator: torch.Generator | None) -> torch.Tensor:
         fan_in, fan_out = compute_fans(shape, self.input_axes, self.output_axes)
         fan = {"fan_in": fan_in, "fan_out": fan_out, "fan_avg": (fan_in + fan_out) / 2.0}
         variance = self.scale / max(1.0, fan[self.mode])
@@ -348,13 +355,17 @@ class VarianceScaling(_RandomInitializer):
             return _uniform(shape, dtype, generator, -limit, limit)
         if self.distribution == "untruncated_normal":
             return _normal(shape, dtype, generator, 0.0, math.sqrt(variance))
-        return _truncated_normal(shape, dtype, generator, 0.0,
-                                 math.sqrt(variance) / _TRUNCATED_STD)
+        return _truncated_normal(shape, dtype, generator, 0.0, math.sqrt(variance) / _TRUNCATED_STD)
 
     def get_config(self) -> dict[str, Any]:
-        return {**super().get_config(), "scale": self.scale, "mode": self.mode,
-                "distribution": self.distribution, "input_axes": self.input_axes,
-                "output_axes": self.output_axes}
+        return {
+            **super().get_config(),
+            "scale": self.scale,
+            "mode": self.mode,
+            "distribution": self.distribution,
+            "input_axes": self.input_axes,
+            "output_axes": self.output_axes,
+        }
 
 
 class _VarianceScalingPreset(VarianceScaling):
@@ -362,18 +373,19 @@ class _VarianceScalingPreset(VarianceScaling):
 
     _preset: ClassVar[tuple[float, str, str]]
 
-    def __init__(self, seed: int | None = None, input_axes: Sequence[int] | None = None,
-                 output_axes: Sequence[int] | None = None) -> None:
+    def __init__(
+        self, seed: int | None = None, input_axes: Sequence[int] | None = None, output_axes: Sequence[int] | None = None
+    ) -> None:
         scale, mode, distribution = self._preset
         super().__init__(scale, mode, distribution, seed, input_axes, output_axes)
 
     def get_config(self) -> dict[str, Any]:
-        return {"seed": self.seed, "input_axes": self.input_axes,
-                "output_axes": self.output_axes}
+        return {"seed": self.seed, "input_axes": self.input_axes, "output_axes": self.output_axes}
 
 
-def _preset(name: str, keras_name: str, scale: float, mode: str, distribution: str,
-            doc: str) -> type[_VarianceScalingPreset]:
+def _preset(
+    name: str, keras_name: str, scale: float, mode: str, distribution: str, doc: str
+) -> type[_VarianceScalingPreset]:
     """Make and register the subclass ``name`` (Keras also calls it ``keras_name``) of
     :class:`_VarianceScalingPreset` with ``(scale, mode, distribution)``."""
     namespace = {"__doc__": doc, "__module__": __name__, "_preset": (scale, mode, distribution)}
@@ -399,7 +411,8 @@ _PRESET_DOCS = {
     "LecunUniform": "LeCun uniform: ``U(-limit, limit)``, ``limit = sqrt(3 / fan_in)``.",
 }
 GlorotUniform, GlorotNormal, HeNormal, HeUniform, LecunNormal, LecunUniform = (
-    _preset(name, *row, _PRESET_DOCS[name]) for name, row in _PRESETS.items())
+    _preset(name, *row, _PRESET_DOCS[name]) for name, row in _PRESETS.items()
+)
 
 
 # -- identifiers ----------------------------------------------------------------

@@ -5,7 +5,8 @@ from __future__ import annotations
 import itertools
 import numbers
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -40,7 +41,7 @@ class _UninitializedBuffer(UninitializedBuffer):
     """torch's ``UninitializedBuffer`` that ``copy.deepcopy`` copies (torch's own raises, unlike
     its ``UninitializedParameter``), so that an unbuilt layer deep-copies as an unbuilt layer."""
 
-    def __deepcopy__(self, memo: dict) -> "_UninitializedBuffer":
+    def __deepcopy__(self, memo: dict) -> _UninitializedBuffer:
         if id(self) not in memo:
             memo[id(self)] = type(self)(self.requires_grad, self.data.device, self.data.dtype)
         return memo[id(self)]
@@ -51,8 +52,7 @@ def _check_type(name: str, value: Any, kind: type | tuple, description: str) -> 
         raise TypeError(f"{name} must be {description}, received {name}={value!r}")
 
 
-def _check_arguments(axis: Any, momentum: Any, epsilon: Any, name: Any, process_group: Any,
-                     **flags: Any) -> None:
+def _check_arguments(axis: Any, momentum: Any, epsilon: Any, name: Any, process_group: Any, **flags: Any) -> None:
     """The constructor's checks of its plain arguments, in the order their errors are reported.
 
     ``flags`` are the bool arguments by name (``center``, ``scale``, ...). The initializers,
@@ -78,7 +78,9 @@ def _check_device(device: Any) -> torch.device | None:
     try:
         return torch.device(device)
     except (RuntimeError, TypeError) as error:
-        raise ValueError(f"device must be None or a torch.device or device string, received device={device!r}") from error
+        raise ValueError(
+            f"device must be None or a torch.device or device string, received device={device!r}"
+        ) from error
 
 
 def _check_process_group(process_group: Any) -> None:
@@ -134,8 +136,9 @@ def _resolve_dtype(dtype: Any) -> tuple[str, torch.dtype]:
     )
 
 
-def _register_unbuilt_weights(layer: nn.Module, *, scale: bool, center: bool, trainable: bool,
-                              device: torch.device | None, dtype: torch.dtype) -> None:
+def _register_unbuilt_weights(
+    layer: nn.Module, *, scale: bool, center: bool, trainable: bool, device: torch.device | None, dtype: torch.dtype
+) -> None:
     """Register ``gamma`` (if ``scale``), ``beta`` (if ``center``) and the moving statistics on
     ``layer``, uninitialized until the build.
 
@@ -239,8 +242,17 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         process_group: Any = None,
     ) -> None:
         super().__init__()
-        _check_arguments(axis, momentum, epsilon, name, process_group, center=center, scale=scale,
-                         synchronized=synchronized, trainable=trainable)
+        _check_arguments(
+            axis,
+            momentum,
+            epsilon,
+            name,
+            process_group,
+            center=center,
+            scale=scale,
+            synchronized=synchronized,
+            trainable=trainable,
+        )
         self.axis = int(axis)  # NumPy integers are ints too
         self.momentum, self.epsilon = float(momentum), float(epsilon)
         self.center, self.scale, self.synchronized = center, scale, synchronized
@@ -248,7 +260,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self.beta_initializer = initializers.get(beta_initializer, argument="beta_initializer")
         self.gamma_initializer = initializers.get(gamma_initializer, argument="gamma_initializer")
         self.moving_mean_initializer = initializers.get(moving_mean_initializer, argument="moving_mean_initializer")
-        self.moving_variance_initializer = initializers.get(moving_variance_initializer, argument="moving_variance_initializer")
+        self.moving_variance_initializer = initializers.get(
+            moving_variance_initializer, argument="moving_variance_initializer"
+        )
         self.beta_regularizer = regularizers.get(beta_regularizer, argument="beta_regularizer")
         self.gamma_regularizer = regularizers.get(gamma_regularizer, argument="gamma_regularizer")
         self.beta_constraint = constraints.get(beta_constraint, argument="beta_constraint")
@@ -258,8 +272,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self._device = _check_device(device)
         self._trainable = trainable
         self._built_shape: tuple | None = None  # fixes the rank: set by build() or the first call
-        _register_unbuilt_weights(self, scale=scale, center=center, trainable=trainable,
-                                  device=self._device, dtype=weight_dtype)
+        _register_unbuilt_weights(
+            self, scale=scale, center=center, trainable=trainable, device=self._device, dtype=weight_dtype
+        )
 
     @staticmethod
     def _unique_name() -> str:
@@ -360,7 +375,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             weight = getattr(self, name)
             weight.copy_(torch.as_tensor(initializer(tuple(weight.shape), dtype=weight.dtype)))
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         # Checked before anything is written: nn.Module would copy the well-shaped entries before
         # reporting the others. An unbuilt layer is built from the checkpoint's channel count (its
         # rank is then fixed by the first call); an unbuilt layer's checkpoint loads into an
@@ -370,7 +387,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         unbuilt = [name for name, t in saved.items() if is_lazy(t)]
         problems = [
             f"{prefix}{name} has shape {tuple(t.shape)}, expected a vector"
-            for name, t in saved.items() if name not in unbuilt and t.dim() != 1
+            for name, t in saved.items()
+            if name not in unbuilt and t.dim() != 1
         ]
         if unbuilt and (self.built or len(unbuilt) < len(saved)):
             problems.append(
@@ -383,7 +401,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             problems = [
                 f"size mismatch for {prefix}{name}: copying a tensor of shape {tuple(t.shape)} from the "
                 f"checkpoint, the shape in the layer is ({expected},)"
-                for name, t in saved.items() if t.shape[0] != expected
+                for name, t in saved.items()
+                if t.shape[0] != expected
             ]
         missing = [prefix + name for name in names if name not in saved]
         if problems or (missing and _loading_strictly()):
@@ -396,7 +415,9 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         if saved:
             self._materialize(expected)
             self._retire_lazy_hooks()
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+        super()._load_from_state_dict(
+            state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+        )
 
     # ------------------------------------------------------------------------------- trainable
 
@@ -569,7 +590,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         return _TORCH_DTYPE_NAMES[self.weight_dtype]
 
     @classmethod
-    def from_config(cls, config: dict[str, Any]) -> "BatchNormalization":
+    def from_config(cls, config: dict[str, Any]) -> BatchNormalization:
         """Build a layer from :meth:`get_config` output or from Keras's own layer config.
 
         Accepts the bare config or Keras's ``{"class_name": "BatchNormalization", "config": ...}``
@@ -593,7 +614,21 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
 
 _CONFIG_KEYS = {
-    "name", "trainable", "dtype", "axis", "momentum", "epsilon", "center", "scale",
-    "beta_initializer", "gamma_initializer", "moving_mean_initializer", "moving_variance_initializer",
-    "beta_regularizer", "gamma_regularizer", "beta_constraint", "gamma_constraint", "synchronized",
+    "name",
+    "trainable",
+    "dtype",
+    "axis",
+    "momentum",
+    "epsilon",
+    "center",
+    "scale",
+    "beta_initializer",
+    "gamma_initializer",
+    "moving_mean_initializer",
+    "moving_variance_initializer",
+    "beta_regularizer",
+    "gamma_regularizer",
+    "beta_constraint",
+    "gamma_constraint",
+    "synchronized",
 }

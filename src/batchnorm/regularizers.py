@@ -21,8 +21,7 @@ from batchnorm._registry import Configurable, Registry, check_real
 
 __all__ = ["L1", "L1L2", "L2", "Regularizer", "get", "serialize"]
 
-RegularizerLike = Union[None, str, Mapping[str, Any], "Regularizer",
-                        Callable[[torch.Tensor], torch.Tensor]]
+RegularizerLike = Union[None, str, Mapping[str, Any], "Regularizer", Callable[[torch.Tensor], torch.Tensor]]
 
 
 class Regularizer(Configurable):
@@ -38,7 +37,8 @@ class Regularizer(Configurable):
 
 
 _REGISTRY: Registry[Regularizer] = Registry(
-    "regularizer", Regularizer,
+    "regularizer",
+    Regularizer,
     unsupported=("OrthogonalRegularizer", "orthogonal_regularizer"),
 )
 
@@ -122,8 +122,7 @@ class L1L2(Regularizer):
         return {"l1": self.l1, "l2": self.l2}
 
 
-def get(identifier: RegularizerLike, *, argument: str | None = None
-        ) -> Callable[[torch.Tensor], torch.Tensor] | None:
+def get(identifier: RegularizerLike, *, argument: str | None = None) -> Callable[[torch.Tensor], torch.Tensor] | None:
     """Resolve a regularizer identifier.
 
     Args:
@@ -142,8 +141,7 @@ def get(identifier: RegularizerLike, *, argument: str | None = None
     return _REGISTRY.get(identifier, argument=argument)
 
 
-def serialize(regularizer: Callable[[torch.Tensor], torch.Tensor] | None
-              ) -> dict[str, Any] | None:
+def serialize(regularizer: Callable[[torch.Tensor], torch.Tensor] | None) -> dict[str, Any] | None:
     """Serialize a regularizer to Keras 3's dict format.
 
     A built-in gives Keras's dict, e.g. ``{"module": "keras.regularizers",

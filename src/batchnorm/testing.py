@@ -11,7 +11,8 @@ import gc
 import os
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -42,8 +43,11 @@ def run_local_group(
     threads = threads or max(1, (os.cpu_count() or 1) // world_size)
     results = torch.multiprocessing.get_context("spawn").SimpleQueue()
     context = torch.multiprocessing.start_processes(
-        _run_rank, args=(world_size, free_port(), timeout_s, threads, worker, args, results),
-        nprocs=world_size, join=False, start_method="spawn",
+        _run_rank,
+        args=(world_size, free_port(), timeout_s, threads, worker, args, results),
+        nprocs=world_size,
+        join=False,
+        start_method="spawn",
     )
     stop = None if deadline_s is None else time.monotonic() + deadline_s
     while not context.join(timeout=0.1):
@@ -71,7 +75,10 @@ def _run_rank(
 ) -> None:
     torch.set_num_threads(threads)
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world_size,
+        "gloo",
+        init_method=f"tcp://127.0.0.1:{port}",
+        rank=rank,
+        world_size=world_size,
         timeout=datetime.timedelta(seconds=timeout_s),
     )
     try:
