@@ -47,6 +47,10 @@ def rows():
     return benchmark(cases="BEF", modes=MODES, repeats=3, warmup=1, threads=1, quick=True, keras=True)
 
 
+# Case C, small and fast: the bench options that the command-line tests share.
+QUICK_C = "--quick --cases C --repeats 2 --warmup 0 --threads 1 --no-keras".split()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bench")
     add_arguments(parser)
@@ -123,24 +127,7 @@ def test_format_table_lists_every_row(rows):
 
 def test_command_line_run_writes_loadable_json(tmp_path, capsys):
     path = tmp_path / "sub" / "bench.json"
-    args = _parser().parse_args(
-        [
-            "--quick",
-            "--cases",
-            "C",
-            "--modes",
-            "inference,training",
-            "--repeats",
-            "2",
-            "--warmup",
-            "0",
-            "--threads",
-            "1",
-            "--no-keras",
-            "--json",
-            str(path),
-        ]
-    )
+    args = _parser().parse_args(QUICK_C + ["--modes", "inference,training", "--json", str(path)])
     result = run(args)
     out = capsys.readouterr().out
     assert "train fwd" in out and "ours/torch" in out
@@ -164,25 +151,7 @@ def test_threads_are_restored():
 @pytest.mark.distributed  # re-executes the benchmark in a subprocess
 def test_tuned_malloc_reruns_with_the_settings_recorded(tmp_path):
     path = tmp_path / "tuned.json"
-    args = _parser().parse_args(
-        [
-            "--tuned-malloc",
-            "--quick",
-            "--cases",
-            "C",
-            "--modes",
-            "training",
-            "--repeats",
-            "2",
-            "--warmup",
-            "0",
-            "--threads",
-            "1",
-            "--no-keras",
-            "--json",
-            str(path),
-        ]
-    )
+    args = _parser().parse_args(["--tuned-malloc"] + QUICK_C + ["--modes", "training", "--json", str(path)])
     result = run(args)
     assert json.loads(path.read_text()) == result
     allocator = result["header"]["allocator"]

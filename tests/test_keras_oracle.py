@@ -581,41 +581,19 @@ def test_configs_load_across_and_compute_the_same(variant):
     generator = torch.Generator().manual_seed(_seed("config", variant))
     axis = config["axis"]
     set_state(k_from_ours, o_from_keras, random_state(CONFIG_SHAPE[axis], generator))
-    for step in range(2):
+
+    def step(training: bool, what: str) -> None:
         x = random_input(CONFIG_SHAPE, generator, dtype)
         compare_call(
-            k_from_ours,
-            o_from_keras,
-            x,
-            generator,
-            training=True,
-            kind=f"config_output_{dtype}",
-            what=f"{variant} step {step}",
-            rtol=rtol,
-            atol=atol,
+            k_from_ours, o_from_keras, x, generator, training, None, f"config_output_{dtype}", what, rtol, atol
         )
-        assert_agree(
-            o_from_keras.moving_mean, keras_param(k_from_ours, "moving_mean"), "moving_stats", rtol=rtol, atol=atol
-        )
-        assert_agree(
-            o_from_keras.moving_variance,
-            keras_param(k_from_ours, "moving_variance"),
-            "moving_stats",
-            rtol=rtol,
-            atol=atol,
-        )
-    x = random_input(CONFIG_SHAPE, generator, dtype)
-    compare_call(
-        k_from_ours,
-        o_from_keras,
-        x,
-        generator,
-        training=False,
-        kind=f"config_output_{dtype}",
-        what=f"{variant} inference",
-        rtol=rtol,
-        atol=atol,
-    )
+
+    for index in range(2):
+        step(True, f"{variant} step {index}")
+        for name in ("moving_mean", "moving_variance"):
+            k_value = keras_param(k_from_ours, name)
+            assert_agree(getattr(o_from_keras, name), k_value, "moving_stats", rtol=rtol, atol=atol)
+    step(False, f"{variant} inference")
 
 
 @pytest.mark.parametrize("axis", [-1, 1])

@@ -1166,34 +1166,14 @@ def run(args: argparse.Namespace) -> dict:
     if args.sync:
         return _write_json(args, _run_sync(args, command))
     started = time.perf_counter()
-    header = describe_environment(
-        device=args.device,
-        threads=args.threads,
-        repeats=args.repeats,
-        warmup=args.warmup,
-        quick=args.quick,
-        keras=args.keras,
-        cases=args.cases,
-        modes=args.modes,
-        min_sample_ms=args.min_sample_ms,
-        command=command,
-    )
+    options = ("device", "threads", "repeats", "warmup", "quick", "keras", "cases", "modes", "min_sample_ms")
+    options = {name: getattr(args, name) for name in options}  # what the header records is what runs
+    header = describe_environment(**options, command=command)
 
     def progress(message: str) -> None:
         print(message, file=sys.stderr, flush=True)
 
-    rows = benchmark(
-        cases=args.cases,
-        modes=args.modes,
-        repeats=args.repeats,
-        threads=args.threads,
-        quick=args.quick,
-        keras=args.keras,
-        device=args.device,
-        warmup=args.warmup,
-        min_sample_ms=args.min_sample_ms,
-        progress=progress,
-    )
+    rows = benchmark(**options, progress=progress)
     header["elapsed_s"] = time.perf_counter() - started
     header["loadavg_end"] = _loadavg()
     print(format_table(rows, header), flush=True)

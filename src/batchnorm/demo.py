@@ -21,6 +21,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -348,11 +349,12 @@ def _figure_of_moving_statistics(
     are from the population means of its inputs, in population standard deviations (the most
     over its channels)."""
     pop_mean, pop_var = _population_stats(model, tracked, data.x_train)
-    trace_mean, trace_var = torch.stack(training.trace_mean), torch.stack(training.trace_var)
-    png = _draw_figure(
-        path, training.history, trace_mean, trace_var, pop_mean, pop_var, training.steps_per_epoch, tracked.momentum
-    )
-    gap = ((trace_mean[-1] - pop_mean).abs() / pop_var.sqrt()).max().item()
+    traces = _Traces(
+        torch.stack(training.trace_mean), torch.stack(training.trace_var), pop_mean, pop_var,
+        training.steps_per_epoch, tracked.momentum,
+    )  # fmt: skip
+    png = _draw_figure(path, training.history, traces)
+    gap = ((traces.moving_mean[-1] - pop_mean).abs() / pop_var.sqrt()).max().item()
     return png, gap
 
 
@@ -486,16 +488,19 @@ def _print_figure(png: Path, gap: float) -> None:
 # -------------------------------------------------------------------------------------- figure
 
 
-def _draw_figure(
-    path: Path,
-    history: dict,
-    trace_mean: torch.Tensor,
-    trace_var: torch.Tensor,
-    pop_mean: torch.Tensor,
-    pop_var: torch.Tensor,
-    steps_per_epoch: int,
-    momentum: float,
-) -> Path:
+class _Traces(NamedTuple):
+    """The tracked layer's moving statistics per step ``(steps, C)``, the population statistics
+    of its inputs ``(C,)``, and what the time axis and the title need."""
+
+    moving_mean: torch.Tensor
+    moving_variance: torch.Tensor
+    population_mean: torch.Tensor
+    population_variance: torch.Tensor
+    steps_per_epoch: int
+    momentum: float
+
+
+def _draw_figure(path: Path, history: dict, traces: _Traces) -> Path:
     """Write the PNG: the training curve, and the tracked layer's moving statistics per step
     against the population statistics of its inputs."""
     # Figure + Agg canvas directly: no pyplot, so no global backend is switched or window opened.
@@ -506,7 +511,7 @@ def _draw_figure(
     FigureCanvasAgg(fig)
     ax_loss, ax_mean, ax_var = fig.subplots(1, 3)
     _plot_training_curve(ax_loss, history)
-    _plot_moving_statistics(ax_mean, ax_var, trace_mean, trace_var, pop_mean, pop_var, steps_per_epoch, momentum)
+    _plot_moving_statistics(ax_mean, ax_var, traces)
     fig.suptitle(
         "Solid: the layer's moving statistics during training, for 3 of its channels.   "
         "Dashed: mean/variance of the layer's inputs over the whole training set, "
@@ -526,20 +531,17 @@ def _plot_training_curve(ax_loss, history: dict) -> None:
     ax_loss.set_ylabel("cross-entropy (training)", color="tab:blue")
     ax_loss.set_yscale("log")
     ax_acc = ax_loss.twinx()
-    ax_acc.plot(
-        history["epoch"],
-        [100 * a for a in history["train_accuracy"]],
-        "s--",
-        color="tab:orange",
-        label="training accuracy (batch statistics)",
+    curves = (
+        ("train_accuracy", "s--", "tab:orange", "training accuracy (batch statistics)"),
+        (
+            "test_accuracy",
+            "^-",
+            "tab:green",
+            "test accuracy (inference mode: moving\nstatistics, which lag in the first epochs)",
+        ),
     )
-    ax_acc.plot(
-        history["epoch"],
-        [100 * a for a in history["test_accuracy"]],
-        "^-",
-        color="tab:green",
-        label="test accuracy (inference mode: moving\nstatistics, which lag in the first epochs)",
-    )
+    for key, style, color, label in curves:
+        ax_acc.plot(history["epoch"], [100 * a for a in history[key]], style, color=color, label=label)
     ax_acc.set_ylabel("accuracy (%)")
     lines = ax_loss.get_lines() + ax_acc.get_lines()
     ax_loss.legend(
@@ -554,19 +556,11 @@ def _plot_training_curve(ax_loss, history: dict) -> None:
     ax_loss.set_title("Training curve")
 
 
-def _plot_moving_statistics(
-    ax_mean,
-    ax_var,
-    trace_mean: torch.Tensor,
-    trace_var: torch.Tensor,
-    pop_mean: torch.Tensor,
-    pop_var: torch.Tensor,
-    steps_per_epoch: int,
-    momentum: float,
-) -> None:
+def _plot_moving_statistics(ax_mean, ax_var, traces: _Traces) -> None:
     """TRACKED_CHANNELS channels' moving mean and variance per step (solid), and the population
     values they should reach (dashed)."""
     # Channels spread over the range of population means, so their curves don't overlap.
+    trace_mean, trace_var, pop_mean, pop_var, steps_per_epoch, momentum = traces
     order = torch.argsort(pop_mean)
     picks = [int(order[round(i * (len(order) - 1) / max(TRACKED_CHANNELS - 1, 1))]) for i in range(TRACKED_CHANNELS)]
     steps = torch.arange(len(trace_mean)).numpy()
