@@ -45,7 +45,7 @@ TRUSTED_RATIO_FOLDED_TERM = 4.0
 
 def eager_cpu(t: Tensor) -> bool:
     """Whether ``t`` meets PyTorch's eager CPU kernels, where reading a result on the host is free."""
-    return t.device.type == "cpu" and not torch.compiler.is_compiling()
+    return t.is_cpu and not torch.compiler.is_compiling()
 
 
 def large_rows(view: Tensor) -> bool:
@@ -68,8 +68,9 @@ def kernel_layout(*tensors: Tensor) -> tuple[Tensor, ...]:
     another layout than the input, their backward on this shape returns wrong values: never mix.)
     :func:`from_kernel_layout` turns a kernel's output back.
     """
-    rows, channels = tensors[0].shape if tensors[0].dim() == 2 else (0, 0)
-    if rows and eager_cpu(tensors[0]) and all(t.dim() == 2 and t.is_contiguous() for t in tensors):
+    first = tensors[0]
+    if first.dim() == 2 and eager_cpu(first) and all(map(Tensor.is_contiguous, tensors)):
+        rows, channels = first.shape  # every tensor of one call has the view's shape
         return tuple(t.T.view(1, channels, 1, rows) for t in tensors)
     return tensors
 
@@ -130,7 +131,7 @@ def moments(view: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
 def _blocks_16_bit(view: Tensor) -> list[Tensor] | None:
     """A 16-bit ``(A, C, B)`` CPU view in blocks of at most ``BLOCK_ELEMENTS_16_BIT`` elements per
     channel (along ``A``, and along ``B`` where one row is longer), or ``None`` where one call is accurate."""
-    if view.device.type != "cpu" or view.dim() == 2 or view.dtype not in (torch.float16, torch.bfloat16):
+    if not view.is_cpu or view.dim() == 2 or view.dtype not in (torch.float16, torch.bfloat16):
         return None
     if view.shape[0] * view.shape[2] <= BLOCK_ELEMENTS_16_BIT:
         return None
@@ -146,7 +147,7 @@ def _kernel_statistics(view: Tensor) -> tuple[Tensor, Tensor]:
     views of more than ``ROW_GROUP_ROWS`` rows go by :func:`_row_group_statistics`, 16-bit
     ``(A, C, B)`` CPU views in blocks of ``BLOCK_ELEMENTS_16_BIT`` elements per channel.
     """
-    if view.dim() == 2 and view.shape[0] > ROW_GROUP_ROWS and view.device.type == "cpu":
+    if view.dim() == 2 and view.shape[0] > ROW_GROUP_ROWS and view.is_cpu:
         return _row_group_statistics(view)
     if blocks := _blocks_16_bit(view):
         means, variances = zip(*map(_kernel_statistics, blocks))
