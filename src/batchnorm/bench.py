@@ -725,82 +725,67 @@ def _fmt(value: float | None, digits: int = 2, suffix: str = "") -> str:
     return f"{value:.{digits}f}{suffix}"
 
 
+# The table's columns: title, row key, digits, suffix. The first two are text, left-aligned.
+_COLUMNS = (
+    ("case", "case", None, ""), ("mode", "mode", None, ""),
+    ("ours ms", "ours_ms", 3, ""), ("torch ms", "torch_ms", 3, ""), ("keras ms", "keras_ms", 3, ""),
+    ("copy_ ms", "copy_ms", 3, ""), ("clone ms", "clone_ms", 3, ""),
+    ("ours/torch", "ours_over_torch", 2, "x"), ("ours/keras", "ours_over_keras", 2, "x"),
+    ("ours/copy", "ours_over_copy", 2, "x"),
+    ("ours MiB", "ours_peak_mib", 2, ""), ("torch MiB", "torch_peak_mib", 2, ""),
+)  # fmt: skip
+
+
 def format_table(rows: Sequence[dict], header: dict | None = None) -> str:
     """The rows as a fixed-width text table (plus the header lines, when given)."""
-    lines = []
-    if header is not None:
-        lines.append(
-            f"# batchnorm bench: torch {header['torch']}, "
-            f"keras {header['keras'] or '- (' + str(header['keras_note']) + ')'}, "
-            f"device {header['device']}, threads {header['threads']}, "
-            f"allocator: {header['allocator']['description']}"
-        )
-        lines.append(
-            f"# median of {header['repeats']} interleaved round-robin repetitions after "
-            f"{header['warmup']} warm-up rounds, each sample >= {header['min_sample_ms']:g} ms; "
-            f"{'quick sizes' if header['quick'] else 'full sizes'}"
-        )
-        lines.append(f"# command: {header['command']}")
-        if "elapsed_s" in header:
-            lines.append(f"# total time: {header['elapsed_s']:.1f} s")
-        load, cpus = header.get("loadavg"), header.get("cpu_count")
-        if load is not None and cpus:
-            end = header.get("loadavg_end")
-            line = (
-                f"# load average at start {load[0]:.2f}"
-                + (f", at end {end[0]:.2f}" if end else "")
-                + f" on {cpus} CPUs"
-            )
-            if load[0] >= cpus and header["threads"] > 1:  # the end figure includes this run
-                line += (
-                    ": other processes compete for the CPUs; with threads > 1 a parallel region "
-                    "can stall a whole scheduler time slice waiting for a worker (--threads 1 is steadier)"
-                )
-            lines.append(line)
-    columns = [
-        ("case", "<"),
-        ("mode", "<"),
-        ("ours ms", ">"),
-        ("torch ms", ">"),
-        ("keras ms", ">"),
-        ("copy_ ms", ">"),
-        ("clone ms", ">"),
-        ("ours/torch", ">"),
-        ("ours/keras", ">"),
-        ("ours/copy", ">"),
-        ("ours MiB", ">"),
-        ("torch MiB", ">"),
-    ]
-    table = [[name for name, _ in columns]]
+    lines = [] if header is None else _header_lines(header)
+    table = [[title for title, *_ in _COLUMNS]]
     for row in rows:
-        table.append(
-            [
-                row["case"],
-                MODE_LABELS.get(row["mode"], row["mode"]),
-                _fmt(row["ours_ms"], 3),
-                _fmt(row["torch_ms"], 3),
-                _fmt(row["keras_ms"], 3),
-                _fmt(row["copy_ms"], 3),
-                _fmt(row["clone_ms"], 3),
-                _fmt(row["ours_over_torch"], 2, "x"),
-                _fmt(row["ours_over_keras"], 2, "x"),
-                _fmt(row["ours_over_copy"], 2, "x"),
-                _fmt(row["ours_peak_mib"], 2),
-                _fmt(row["torch_peak_mib"], 2),
-            ]
-        )
-    widths = [max(len(r[i]) for r in table) for i in range(len(columns))]
-    for r in table:
-        lines.append(
-            "  ".join(
-                cell.ljust(w) if align == "<" else cell.rjust(w) for cell, w, (_, align) in zip(r, widths, columns)
-            ).rstrip()
-        )
+        cells = [row["case"], MODE_LABELS.get(row["mode"], row["mode"])]
+        table.append(cells + [_fmt(row[key], digits, suffix) for _, key, digits, suffix in _COLUMNS[2:]])
+    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
+    for line in table:
+        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))]
+        lines.append("  ".join(cells).rstrip())
     descriptions = dict.fromkeys(row["description"] for row in rows)
     if descriptions:
         lines.append("cases: " + "; ".join(descriptions))
-    masked = [row for row in rows if row["masked_over_unmasked"] is not None]
-    for row in masked:
+    lines += _masked_lines(rows)
+    return "\n".join(lines)
+
+
+def _header_lines(header: dict) -> list[str]:
+    """The ``#`` lines above the table: versions, method, command, time, load."""
+    keras = header["keras"] or f"- ({header['keras_note']})"
+    lines = [
+        f"# batchnorm bench: torch {header['torch']}, keras {keras}, device {header['device']}, "
+        f"threads {header['threads']}, allocator: {header['allocator']['description']}",
+        f"# median of {header['repeats']} interleaved round-robin repetitions after "
+        f"{header['warmup']} warm-up rounds, each sample >= {header['min_sample_ms']:g} ms; "
+        f"{'quick sizes' if header['quick'] else 'full sizes'}",
+        f"# command: {header['command']}",
+    ]
+    if "elapsed_s" in header:
+        lines.append(f"# total time: {header['elapsed_s']:.1f} s")
+    load, cpus = header.get("loadavg"), header.get("cpu_count")
+    if load is not None and cpus:
+        end = header.get("loadavg_end")
+        line = f"# load average at start {load[0]:.2f}" + (f", at end {end[0]:.2f}" if end else "") + f" on {cpus} CPUs"
+        if load[0] >= cpus and header["threads"] > 1:  # the end figure includes this run
+            line += (
+                ": other processes compete for the CPUs; with threads > 1 a parallel region "
+                "can stall a whole scheduler time slice waiting for a worker (--threads 1 is steadier)"
+            )
+        lines.append(line)
+    return lines
+
+
+def _masked_lines(rows: Sequence[dict]) -> list[str]:
+    """Masked over unmasked, for the masked case's rows."""
+    lines = []
+    for row in rows:
+        if row["masked_over_unmasked"] is None:
+            continue
         line = (
             f"{row['case']} masked / unmasked (ours, same tensor), {MODE_LABELS[row['mode']]}: "
             f"{_fmt(row['masked_over_unmasked'], 2, 'x')} "
@@ -811,7 +796,7 @@ def format_table(rows: Sequence[dict], header: dict | None = None) -> str:
         lines.append(line)
     if any(row["masked"] for row in rows):
         lines.append("torch has no masked batch norm: case E's torch columns are empty")
-    return "\n".join(lines)
+    return lines
 
 
 # ------------------------------------------------------------------- synchronized (--sync)
@@ -1043,6 +1028,12 @@ def _modes_arg(text: str) -> list[str]:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add the ``bench`` options to ``parser`` (the dispatcher calls :func:`run` with the result)."""
+    _add_workload_arguments(parser)
+    _add_run_arguments(parser)
+
+
+def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
+    """What is timed, and how often."""
     parser.add_argument(
         "--cases",
         type=_cases_arg,
@@ -1089,14 +1080,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"sizes divided by {QUICK_DIVISOR}, fewer repetitions: seconds, for smoke tests",
     )
     parser.add_argument(
-        "--no-keras", dest="keras", action="store_false", help="leave Keras out (it is included when installed)"
-    )
-    parser.add_argument(
         "--min-sample-ms",
         type=_positive_float,
         default=1.0,
         metavar="MS",
         help="repeat tiny calls inside a sample until it lasts this long (default: %(default)s)",
+    )
+
+
+def _add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """Against what, where the results go, and the other runs."""
+    parser.add_argument(
+        "--no-keras", dest="keras", action="store_false", help="leave Keras out (it is included when installed)"
     )
     parser.add_argument("--json", default=None, metavar="PATH", help="also write the header and rows as JSON to PATH")
     parser.add_argument(
