@@ -309,8 +309,9 @@ class _NormalizeByBatch(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, view, gamma, beta, mean, var, count, epsilon: float, mask, all_reduce):
-        ctx.save_for_backward(view, gamma, mean, var, mask, count if isinstance(count, Tensor) else None)
-        ctx.count, ctx.epsilon, ctx.all_reduce = count, epsilon, all_reduce
+        counted = isinstance(count, Tensor)  # a tensor is saved; a number the host knows is kept on ctx
+        ctx.save_for_backward(view, gamma, mean, var, mask, count if counted else None)
+        ctx.count, ctx.epsilon, ctx.all_reduce = None if counted else count, epsilon, all_reduce
         return normalize(view, mean, var, gamma, beta, epsilon)
 
     @staticmethod
