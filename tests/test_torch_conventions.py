@@ -482,3 +482,19 @@ def test_compile_fullgraph_builds_an_unbuilt_layer(norm):
         torch.testing.assert_close(model.state_dict()[key], value, msg=key)
     model.eval(), twin.eval()
     torch.testing.assert_close(compiled(x), twin(x))
+
+
+@pytest.mark.slow  # one inductor compilation
+def test_compiling_a_channels_last_training_call_warns_nothing(recwarn):
+    # A user's compiled channels_last model must not print Dynamo warnings about our code (an
+    # lru_cache-wrapped helper once did) and must match eager, moving statistics included.
+    model, twin = (nn.Sequential(nn.Conv2d(3, 4, 1), BatchNormalization(axis=1)) for _ in range(2))
+    twin.load_state_dict(model.state_dict())
+    x = torch.randn(8, 3, 5, 5).to(memory_format=torch.channels_last)
+    model(x), twin(x)  # build
+    twin.load_state_dict(model.state_dict())
+    torch.testing.assert_close(torch.compile(model)(x), twin(x))
+    torch.testing.assert_close(model[1].moving_variance, twin[1].moving_variance)
+    assert not [w for w in recwarn if "batchnorm" in str(w.message) or "batchnorm" in w.filename], [
+        str(w.message) for w in recwarn
+    ]

@@ -43,6 +43,11 @@ CHANNEL_SUMS_MAX_ROW = 2**16
 TRUSTED_RATIO_FOLDED_TERM = 4.0
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the arithmetic runs in: at least float32, float64 for float64 inputs."""
+    return torch.promote_types(dtype, torch.float32)
+
+
 def eager_cpu(t: Tensor) -> bool:
     """Whether ``t`` meets PyTorch's eager CPU kernels, where reading a result on the host is free."""
     return t.is_cpu and not torch.compiler.is_compiling()
@@ -124,7 +129,7 @@ def combine_statistics(counts: Tensor, means: Tensor, variances: Tensor) -> tupl
 def moments(view: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
     """Mean and biased variance by Welford's algorithm (``var_mean``), accumulated in ``accumulate``."""
     var, mean = torch.var_mean(view.to(accumulate), dim=reduced_dims(view), correction=0)
-    dtype = torch.promote_types(view.dtype, torch.float32)
+    dtype = compute_dtype(view.dtype)
     return mean.to(dtype), var.to(dtype)
 
 
@@ -236,7 +241,7 @@ def _channel_sums(view: Tensor) -> tuple[Tensor, Tensor]:
     ``sum(dy * (x - mean) * invstd)``, fused and vectorized for every layout; with ``dy = x``,
     ``mean = 0`` and ``invstd = 1`` they are the sums wanted.
     """
-    zeros = torch.zeros(view.shape[1], dtype=torch.promote_types(view.dtype, torch.float32), device=view.device)
+    zeros = torch.zeros(view.shape[1], dtype=compute_dtype(view.dtype), device=view.device)
     _, sum_squares, sums = torch.ops.aten.native_batch_norm_backward(
         view, view, None, zeros, zeros, None, None, False, 1.0, [False, True, True]
     )
@@ -257,7 +262,7 @@ def masked_moments(view: Tensor, inside: Tensor, count: Tensor, accumulate: torc
     deviation = torch.where(inside, deviation - per_channel(rough_mean, view), 0)
     correction = deviation.sum(dims) / safe_count
     var = (deviation.square().sum(dims) / safe_count - correction.square()).clamp(min=0)
-    dtype = torch.promote_types(view.dtype, torch.float32)
+    dtype = compute_dtype(view.dtype)
     return (rough_mean + correction).to(dtype), var.to(dtype)
 
 
@@ -288,7 +293,7 @@ def masked_statistics(view: Tensor, inside: Tensor) -> tuple[Tensor, Tensor, Ten
             var = torch.addcmul(sum_squares, sums, mean, value=-1).div_(n)  # may round below 0: not accepted
             if finite_and_accurate(mean, var, TRUSTED_RATIO_CHANNEL_SUMS):
                 return mean, var, n, True
-    dtype = torch.promote_types(view.dtype, torch.float32)
+    dtype = compute_dtype(view.dtype)
     count = inside.sum(dtype=dtype)
     accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
     mean, var = masked_moments(view, inside, count, accumulate)

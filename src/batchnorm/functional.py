@@ -17,7 +17,6 @@ inputs in float64.
 
 from __future__ import annotations
 
-import functools
 import math
 from collections.abc import Callable
 from typing import NamedTuple
@@ -27,7 +26,7 @@ from torch import Tensor
 from torch.autograd.function import once_differentiable
 
 from . import _kernels
-from ._kernels import combine_statistics, per_channel, valid_statistics
+from ._kernels import combine_statistics, compute_dtype, per_channel, valid_statistics
 
 __all__ = [
     "compute_dtype",
@@ -46,11 +45,6 @@ __all__ = [
     "normalize_by_batch",
     "update_moving_statistics",
 ]
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the arithmetic runs in: at least float32, float64 for float64 inputs."""
-    return torch.promote_types(dtype, torch.float32)
 
 
 # PyTorch's named memory formats by rank, each with its order of dimensions in memory.
@@ -73,7 +67,6 @@ def memory_order(x: Tensor) -> tuple[int, ...] | None:
     return order if x.permute(order).is_contiguous() else None
 
 
-@functools.lru_cache
 def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(order)), key=order.__getitem__))
 
