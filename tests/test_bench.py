@@ -2,7 +2,7 @@
 
 A smoke test: no assertion on speed, only on structure and sanity (times positive and finite,
 ratios equal to the ratios of the times, memory figures non-negative and right for the copy floor,
-JSON written and loadable, the tuned-allocator re-execution records its settings).
+case R's renorm table, JSON written and loadable, the tuned-allocator re-execution records its settings).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import torch
 
 from batchnorm.bench import (
     MODES,
+    TRAINING_MODES,
     TUNED_MALLOC_ENV,
     add_arguments,
     benchmark,
@@ -25,7 +26,7 @@ from batchnorm.bench import (
     run,
 )
 
-TIME_KEYS = ("ours_ms", "torch_ms", "keras_ms", "copy_ms", "clone_ms", "ours_unmasked_ms")
+TIME_KEYS = ("ours_ms", "torch_ms", "keras_ms", "copy_ms", "clone_ms", "ours_unmasked_ms", "ours_plain_ms")
 MEMORY_KEYS = (
     "ours_peak_mib",
     "torch_peak_mib",
@@ -33,18 +34,24 @@ MEMORY_KEYS = (
     "copy_peak_mib",
     "clone_peak_mib",
     "ours_unmasked_peak_mib",
+    "ours_plain_peak_mib",
 )
 RATIOS = {
     "ours_over_torch": "torch_ms",
     "ours_over_keras": "keras_ms",
     "ours_over_copy": "copy_ms",
     "masked_over_unmasked": "ours_unmasked_ms",
+    "renorm_over_plain": "ours_plain_ms",
 }
+# What stands in for torch where torch has no equivalent: ours unmasked (E), ours without renorm (R).
+REFERENCES = {"E": "ours_unmasked_ms", "R": "ours_plain_ms"}
+# Case R (B with renorm=True) runs in the training modes only.
+ROWS = [(c, m) for c in "BEF" for m in MODES] + [("R", m) for m in TRAINING_MODES]
 
 
 @pytest.fixture(scope="module")
 def rows():
-    return benchmark(cases="BEF", modes=MODES, repeats=3, warmup=1, threads=1, quick=True, keras=True)
+    return benchmark(cases="BEFR", modes=MODES, repeats=3, warmup=1, threads=1, quick=True, keras=True)
 
 
 # Case C, small and fast: the bench options that the command-line tests share.
@@ -58,18 +65,19 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def test_one_row_per_case_and_mode_in_order(rows):
-    assert [(r["case"], r["mode"]) for r in rows] == [(c, m) for c in "BEF" for m in MODES]
+    assert [(r["case"], r["mode"]) for r in rows] == ROWS
     for row in rows:
         assert row["repeats"] == 3
         assert row["shape"] == [2, 16, 768]
         assert row["dtype"] == ("bfloat16" if row["case"] == "F" else "float32")
         assert row["masked"] is (row["case"] == "E")
+        assert row["renorm"] is (row["case"] == "R") is ("renorm=True" in row["description"])
 
 
 def test_times_are_positive_and_finite_where_present(rows):
     for row in rows:
         expected = {"ours_ms", "copy_ms", "clone_ms", "keras_ms"}  # Keras is a test dependency
-        expected |= {"ours_unmasked_ms"} if row["case"] == "E" else {"torch_ms"}
+        expected.add(REFERENCES.get(row["case"], "torch_ms"))
         present = {key for key in TIME_KEYS if row[key] is not None}
         assert present == expected, row["case"]
         for key in present:
@@ -90,10 +98,13 @@ def test_ratios_are_the_ratios_of_the_medians(rows):
                 assert row[ratio] == pytest.approx(row["ours_ms"] / row[denominator], rel=1e-12)
     masked = [r for r in rows if r["case"] == "E"]
     assert all(r["masked_over_unmasked"] is not None and r["ours_over_torch"] is None for r in masked)
+    renorm = [r for r in rows if r["case"] == "R"]
+    assert all(r["renorm_over_plain"] is not None and r["ours_over_keras"] is not None for r in renorm)
+    assert all(r["ours_over_torch"] is None for r in renorm)
 
 
 def test_copy_floor_is_shared_by_the_modes_of_a_case(rows):
-    for case in "BEF":
+    for case in "BEFR":
         case_rows = [r for r in rows if r["case"] == case]
         assert len({(r["copy_ms"], r["clone_ms"]) for r in case_rows}) == 1
 
@@ -112,17 +123,43 @@ def test_memory_figures(rows):
 
 
 def test_format_table_lists_every_row(rows):
-    header = describe_environment(threads=1, repeats=3, warmup=1, quick=True, cases="BEF")
+    header = describe_environment(threads=1, repeats=3, warmup=1, quick=True, cases="BEFR")
     text = format_table(rows, header)
     assert "threads 1" in text and "allocator:" in text and "median of 3" in text
     assert "command:" in text
     data_lines = [line.split() for line in text.splitlines()]
-    data_lines = [cells for cells in data_lines if cells[0] in ("B", "E", "F") and cells[1] in ("infer", "train")]
-    assert [(cells[0], " ".join(cells[1:3])) for cells in data_lines] == [
-        (c, label) for c in "BEF" for label in ("infer fwd", "train fwd", "train fwd+bwd")
-    ]
+    data_lines = [cells for cells in data_lines if cells[0] in ("B", "E", "F", "R") and cells[1] in ("infer", "train")]
+    labels = {"inference": "infer fwd", "training": "train fwd", "training_backward": "train fwd+bwd"}
+    assert [(cells[0], " ".join(cells[1:3])) for cells in data_lines] == [(c, labels[m]) for c, m in ROWS]
     assert "masked / unmasked" in text
     assert format_table(rows).count("\n") < text.count("\n")  # without the header lines
+
+
+def test_renorm_table_has_a_line_per_training_mode(rows):
+    lines = format_table(rows).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("R with renorm=True"))
+    assert lines[start + 1].split("  ")[0] == "mode" and "renorm/plain" in lines[start + 1]
+    renorm_rows = [r for r in rows if r["renorm"]]
+    for line, row in zip(lines[start + 2 : start + 4], renorm_rows, strict=True):
+        assert line.startswith({"training": "train fwd ", "training_backward": "train fwd+bwd"}[row["mode"]])
+        cells = line.split()[-5:]  # ours renorm, keras renorm, ours plain, renorm/keras, renorm/plain
+        assert cells == [
+            f"{row['ours_ms']:.3f}",
+            f"{row['keras_ms']:.3f}",
+            f"{row['ours_plain_ms']:.3f}",
+            f"{row['ours_over_keras']:.2f}x",
+            f"{row['renorm_over_plain']:.2f}x",
+        ]
+    assert lines[start + 4] == "target: renorm/plain <= 1.3x in training"
+    assert "renorm" not in format_table(rows[:3])  # no R, no renorm table
+
+
+def test_renorm_case_runs_in_the_training_modes_only():
+    assert list(describe_environment(cases="BR", modes="inference")["cases"]) == ["B"]
+    assert list(describe_environment(cases="BR", modes="training")["cases"]) == ["B", "R"]
+    with pytest.raises(ValueError, match="R runs in training, training_backward"):
+        benchmark(cases="R", modes=["inference"], quick=True, keras=False)
+    assert _parser().parse_args([]).cases.endswith("R")  # in the default run
 
 
 def test_command_line_run_writes_loadable_json(tmp_path, capsys):
@@ -164,8 +201,9 @@ def test_help_renders(capsys):
     with pytest.raises(SystemExit) as exit_info:
         _parser().parse_args(["--help"])
     assert exit_info.value.code == 0
-    text = capsys.readouterr().out
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
     assert "--tuned-malloc" in text and "25% False" in text and "--json" in text
+    assert "renorm=True (training only)" in text and "case R runs in the training modes only" in text
 
 
 @pytest.mark.parametrize("argv", [["--cases", "BX"], ["--modes", "training,sideways"], ["--repeats", "0"]])

@@ -20,8 +20,12 @@ Measures, in one process and under one allocator configuration, for each case an
 Cases (float32 unless said): A ``(64,56,56,64)`` axis=-1; B ``(32,128,768)`` axis=-1;
 C ``(4096,1024)`` axis=-1; D ``(64,64,56,56)`` axis=1; E = B with a ``(32,128)`` mask whose
 positions are exactly 25% False (seeded); F = B in bfloat16; G ``(32,64,28,28)`` axis=1 in
-``torch.channels_last`` memory (torch's reference is ``F.batch_norm`` on the same tensor). ``quick``
-divides every case by 128 in its batch/spatial dimensions (about; channel counts unchanged).
+``torch.channels_last`` memory (torch's reference is ``F.batch_norm`` on the same tensor); R = B with
+``renorm=True`` (batch renormalization, Keras's default clipping and ``renorm_momentum``), in the
+training modes only (inference is plain batch normalization): torch has no renorm, so there the
+reference is *ours plain* (``renorm=False``) on the same tensor (``ours_plain``), and Keras runs
+with ``renorm=True`` too. ``quick`` divides every case by 128 in its batch/spatial dimensions
+(about; channel counts unchanged).
 
 Modes: ``inference`` (forward, ``training=False``, under ``torch.no_grad()``); ``training``
 (forward with batch statistics, moving statistics updated, under ``torch.no_grad()``);
@@ -87,6 +91,7 @@ Usage::
     python -m batchnorm bench --sync                # synchronized=True against local statistics,
                                                     # 2 gloo processes (see sync_benchmark)
     python -m batchnorm bench --cases BEF --modes training --json out.json
+    python -m batchnorm bench --cases BR --modes training,training_backward   # renorm against plain
     python -m batchnorm.bench --tuned-malloc        # the same, without the dispatcher
 
     >>> from batchnorm.bench import benchmark, format_table
@@ -142,7 +147,8 @@ __all__ = [
 
 MODES = ("inference", "training", "training_backward")
 MODE_LABELS = {"inference": "infer fwd", "training": "train fwd", "training_backward": "train fwd+bwd"}
-IMPLEMENTATIONS = ("ours", "torch", "keras", "ours_unmasked", "copy_", "clone")
+IMPLEMENTATIONS = ("ours", "torch", "keras", "ours_unmasked", "ours_plain", "copy_", "clone")
+TRAINING_MODES = ("training", "training_backward")
 
 MOMENTUM = 0.99  # Keras convention; torch's momentum is 1 - MOMENTUM
 EPSILON = 1e-3  # Keras's default
@@ -172,7 +178,7 @@ _STARTUP_ENV = {name: os.environ[name] for name in ALLOCATOR_ENV_VARS if name in
 
 @dataclasses.dataclass(frozen=True)
 class Case:
-    """One input configuration: shape (full and quick), channel axis, dtype, optional mask."""
+    """One input configuration: shape (full and quick), channel axis, dtype, optional mask, renorm."""
 
     name: str
     shape: tuple[int, ...]
@@ -181,6 +187,8 @@ class Case:
     dtype: torch.dtype = torch.float32
     mask_false_fraction: float | None = None  # masked case: this fraction of positions False
     memory_format: torch.memory_format = torch.contiguous_format
+    renorm: bool = False  # batch renormalization (ours and Keras); its reference is ours plain
+    modes: tuple[str, ...] = MODES  # the modes this case runs in
     note: str = ""
 
     def size(self, quick: bool) -> tuple[int, ...]:
@@ -196,6 +204,8 @@ class Case:
             text += f" {str(self.memory_format).removeprefix('torch.')}"
         if self.mask_false_fraction is not None:
             text += f", mask {fmt(self.mask_shape(quick))} {self.mask_false_fraction:.0%} False"
+        if self.renorm:
+            text += ", renorm=True (training only)"
         return text
 
     def mask_shape(self, quick: bool = False) -> tuple[int, ...]:
@@ -221,8 +231,10 @@ CASES: dict[str, Case] = {
             memory_format=torch.channels_last,
             note="NCHW in torch.channels_last memory",
         ),
+        Case("R", (32, 128, 768), (2, 16, 768), -1, renorm=True, modes=TRAINING_MODES, note="B with renorm=True"),
     )
 }
+ALL_CASES = "".join(CASES)
 
 
 def _parse_cases(cases: str | Iterable[str]) -> list[Case]:
@@ -244,6 +256,16 @@ def _parse_modes(modes: str | Iterable[str]) -> list[str]:
     if unknown or not names:
         raise ValueError(f"modes must be among {', '.join(MODES)} (or 'all'), received {modes!r}")
     return [m for m in MODES if m in names]
+
+
+def _plan(cases: str | Iterable[str], modes: str | Iterable[str]) -> list[tuple[Case, list[str]]]:
+    """Each case that runs, with the modes it runs in (among ``modes``): ValueError if none does."""
+    mode_list = _parse_modes(modes)
+    plan = [(case, [m for m in mode_list if m in case.modes]) for case in _parse_cases(cases)]
+    if not any(case_modes for _, case_modes in plan):
+        runs = "; ".join(f"{case.name} runs in {', '.join(case.modes)}" for case, _ in plan)
+        raise ValueError(f"no case chosen runs in the modes {', '.join(mode_list)}: {runs}")
+    return [(case, case_modes) for case, case_modes in plan if case_modes]
 
 
 # ---------------------------------------------------------------------------------- keras
@@ -347,7 +369,7 @@ def _torch_native(case: Case, x: Tensor, training: bool, device: torch.device):
 
 
 def _ours(case: Case, x: Tensor, training: bool, mask: Tensor | None, device: torch.device):
-    layer = BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON, device=device)
+    layer = BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON, renorm=case.renorm, device=device)
     layer.build(x.shape)
 
     def forward(t: Tensor) -> Tensor:
@@ -360,7 +382,9 @@ def _keras(keras, case: Case, x: Tensor, training: bool, mask: Tensor | None, de
     policy = {torch.bfloat16: "mixed_bfloat16", torch.float16: "mixed_float16"}.get(case.dtype)
     keras_device = str(device)
     with keras.device(keras_device):
-        layer = keras.layers.BatchNormalization(axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON, dtype=policy)
+        layer = keras.layers.BatchNormalization(
+            axis=case.axis, momentum=MOMENTUM, epsilon=EPSILON, renorm=case.renorm, dtype=policy
+        )
         layer.build(tuple(x.shape))
 
     def forward(t: Tensor) -> Tensor:
@@ -393,7 +417,10 @@ def _entries(case: Case, modes: Sequence[str], quick: bool, device: torch.device
         training = mode != "inference"
         forward, params = _ours(case, x, training, mask, device)
         entries.append(_entry(mode, "ours", forward, x, g, params))
-        if mask is None:
+        if case.renorm:  # torch has no renorm: the reference is ours plain
+            forward, params = _ours(dataclasses.replace(case, renorm=False), x, training, mask, device)
+            entries.append(_entry(mode, "ours_plain", forward, x, g, params))
+        elif mask is None:
             forward, params = _torch_native(case, x, training, device)
             entries.append(_entry(mode, "torch", forward, x, g, params))
         else:
@@ -562,6 +589,7 @@ def _rows_for_case(
             "axis": case.axis,
             "dtype": str(case.dtype).replace("torch.", ""),
             "masked": case.mask_false_fraction is not None,
+            "renorm": case.renorm,
             "numel": x.numel(),
             "input_mib": x.numel() * x.element_size() / 2**20,
             "ours_ms": ours,
@@ -570,16 +598,19 @@ def _rows_for_case(
             "copy_ms": ms["copy_"],
             "clone_ms": ms["clone"],
             "ours_unmasked_ms": ms.get("ours_unmasked"),
+            "ours_plain_ms": ms.get("ours_plain"),
             "ours_over_torch": _ratio(ours, ms.get("torch")),
             "ours_over_keras": _ratio(ours, ms.get("keras")),
             "ours_over_copy": _ratio(ours, ms["copy_"]),
             "masked_over_unmasked": _ratio(ours, ms.get("ours_unmasked")),
+            "renorm_over_plain": _ratio(ours, ms.get("ours_plain")),
             "ours_peak_mib": mib["ours"],
             "torch_peak_mib": mib.get("torch"),
             "keras_peak_mib": mib.get("keras"),
             "copy_peak_mib": mib["copy_"],
             "clone_peak_mib": mib["clone"],
             "ours_unmasked_peak_mib": mib.get("ours_unmasked"),
+            "ours_plain_peak_mib": mib.get("ours_plain"),
             "repeats": repeats,
             "detail": {
                 impl: {
@@ -599,7 +630,7 @@ def _rows_for_case(
 
 
 def benchmark(
-    cases: str | Iterable[str] = "ABCDEFG",
+    cases: str | Iterable[str] = ALL_CASES,
     modes: str | Iterable[str] = MODES,
     repeats: int | None = None,
     threads: int | None = None,
@@ -611,7 +642,7 @@ def benchmark(
     min_sample_ms: float = 1.0,
     progress: Callable[[str], None] | None = None,
 ) -> list[dict]:
-    """Run the benchmark; one dict per (case, mode), in case then mode order.
+    """Run the benchmark; one dict per (case, mode), in case then mode order (R: training modes only).
 
     ``repeats``/``warmup`` default to 25/2 (``quick``: 5/1); ``threads`` to the current
     ``torch.get_num_threads()`` (fixed for the run, restored after). ``keras=True`` includes Keras
@@ -619,8 +650,7 @@ def benchmark(
     ``None``. Times are medians in milliseconds per call; ``*_over_*`` are ratios of those medians;
     ``*_peak_mib`` the peak extra memory of one call in MiB. ``detail`` holds every sample.
     """
-    case_list = _parse_cases(cases)
-    mode_list = _parse_modes(modes)
+    plan = _plan(cases, modes)
     repeats = (QUICK_REPEATS if quick else FULL_REPEATS) if repeats is None else int(repeats)
     warmup = (QUICK_WARMUP if quick else FULL_WARMUP) if warmup is None else int(warmup)
     if repeats < 1 or warmup < 0:
@@ -634,11 +664,11 @@ def benchmark(
     torch.set_num_threads(previous_threads if threads is None else int(threads))
     rows: list[dict] = []
     try:
-        for case in case_list:
+        for case, case_modes in plan:
             started = time.perf_counter()
-            entries, x = _entries(case, mode_list, quick, device, keras_module)
+            entries, x = _entries(case, case_modes, quick, device, keras_module)
             _measure_case(entries, repeats, warmup, min_sample_ms, device)
-            rows.extend(_rows_for_case(case, mode_list, entries, x, quick, repeats))
+            rows.extend(_rows_for_case(case, case_modes, entries, x, quick, repeats))
             del entries, x
             if progress is not None:
                 progress(f"case {case.describe(quick)}: {time.perf_counter() - started:.1f} s")
@@ -671,7 +701,7 @@ def describe_environment(
     warmup: int | None = None,
     quick: bool = False,
     keras: bool = True,
-    cases: str | Iterable[str] = "ABCDEFG",
+    cases: str | Iterable[str] = ALL_CASES,
     modes: str | Iterable[str] = MODES,
     min_sample_ms: float = 1.0,
     command: str | None = None,
@@ -693,7 +723,7 @@ def describe_environment(
         "warmup": (QUICK_WARMUP if quick else FULL_WARMUP) if warmup is None else int(warmup),
         "min_sample_ms": min_sample_ms,
         "quick": bool(quick),
-        "cases": {c.name: c.describe(quick) for c in _parse_cases(cases)},
+        "cases": {c.name: c.describe(quick) for c, _ in _plan(cases, modes)},
         "modes": _parse_modes(modes),
         "statistic": "median of interleaved round-robin samples after warm-up",
         "memory": (
@@ -736,22 +766,43 @@ _COLUMNS = (
 )  # fmt: skip
 
 
+# The renorm table, for case R's rows: ours and Keras with renorm=True, ours without.
+_RENORM_COLUMNS = (
+    ("mode", "mode", None, ""), ("ours renorm ms", "ours_ms", 3, ""), ("keras renorm ms", "keras_ms", 3, ""),
+    ("ours plain ms", "ours_plain_ms", 3, ""), ("renorm/keras", "ours_over_keras", 2, "x"),
+    ("renorm/plain", "renorm_over_plain", 2, "x"),
+)  # fmt: skip
+RENORM_TARGET = 1.3  # issue 12: ours with renorm=True within 1.3x of ours plain, in training
+
+
 def format_table(rows: Sequence[dict], header: dict | None = None) -> str:
     """The rows as a fixed-width text table (plus the header lines, when given)."""
     lines = [] if header is None else _header_lines(header)
-    table = [[title for title, *_ in _COLUMNS]]
-    for row in rows:
-        cells = [row["case"], MODE_LABELS.get(row["mode"], row["mode"])]
-        table.append(cells + [_fmt(row[key], digits, suffix) for _, key, digits, suffix in _COLUMNS[2:]])
-    widths = [max(len(line[i]) for line in table) for i in range(len(_COLUMNS))]
-    for line in table:
-        cells = [cell.ljust(w) if i < 2 else cell.rjust(w) for i, (cell, w) in enumerate(zip(line, widths))]
-        lines.append("  ".join(cells).rstrip())
+    lines += _table_lines(_COLUMNS, rows)
     descriptions = dict.fromkeys(row["description"] for row in rows)
     if descriptions:
         lines.append("cases: " + "; ".join(descriptions))
     lines += _masked_lines(rows)
+    lines += _renorm_lines(rows)
     return "\n".join(lines)
+
+
+def _table_lines(columns: Sequence[tuple], rows: Sequence[dict]) -> list[str]:
+    """``rows`` under ``columns`` (title, key, digits, suffix): text (digits None) left, numbers right."""
+    table = [[title for title, *_ in columns]]
+    for row in rows:
+        table.append(
+            [
+                MODE_LABELS.get(row[key], row[key]) if digits is None else _fmt(row[key], digits, suffix)
+                for _, key, digits, suffix in columns
+            ]
+        )
+    widths = [max(len(line[i]) for line in table) for i in range(len(columns))]
+    lines = []
+    for line in table:
+        cells = [cell.ljust(w) if spec[2] is None else cell.rjust(w) for cell, w, spec in zip(line, widths, columns)]
+        lines.append("  ".join(cells).rstrip())
+    return lines
 
 
 def _header_lines(header: dict) -> list[str]:
@@ -796,6 +847,18 @@ def _masked_lines(rows: Sequence[dict]) -> list[str]:
         lines.append(line)
     if any(row["masked"] for row in rows):
         lines.append("torch has no masked batch norm: case E's torch columns are empty")
+    return lines
+
+
+def _renorm_lines(rows: Sequence[dict]) -> list[str]:
+    """The renorm table: ours and Keras with renorm=True, ours plain on the same tensor, their ratios."""
+    renorm_rows = [row for row in rows if row["renorm"]]
+    if not renorm_rows:
+        return []
+    lines = [f"{renorm_rows[0]['case']} with renorm=True (ours, keras) against ours plain (renorm=False, same tensor):"]
+    lines += _table_lines(_RENORM_COLUMNS, renorm_rows)
+    lines.append(f"target: renorm/plain <= {RENORM_TARGET}x in training")
+    lines.append("torch has no batch renormalization: case R's torch columns are empty")
     return lines
 
 
@@ -1047,7 +1110,7 @@ def _add_workload_arguments(parser: argparse.ArgumentParser) -> None:
         type=_modes_arg,
         default=list(MODES),
         metavar="LIST",
-        help=f"comma-separated among {', '.join(MODES)} (default: all)",
+        help=f"comma-separated among {', '.join(MODES)} (default: all; case R runs in the training modes only)",
     )
     parser.add_argument(
         "--repeats",
