@@ -440,7 +440,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 f"axis={self.axis} is out of range for inputs of shape {tuple(input_shape)} "
                 f"(rank {rank}): expected {-rank} <= axis < {rank}"
             )
-        axes = tuple(sorted(a % rank for a in given))
+        axes = (given[0] % rank,) if len(given) == 1 else tuple(sorted(a % rank for a in given))
         if len(set(axes)) < len(axes):
             raise ValueError(f"axis={self.axis} names an axis twice for inputs of rank {rank} (axes {axes})")
         if self.virtual_batch_size is not None and axes[0] == 0:
@@ -588,8 +588,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             self._raise_shape_mismatch(inputs)
         axes = self._channel_axes(shape)
         # A rank fixed means built (and asks nothing that torch.compile cannot trace).
-        if (self._built_shape is not None or self.built) and any(
-            shape[a] != size for a, size in zip(axes, self.moving_variance.shape)
+        if (self._built_shape is not None or self.built) and [shape[a] for a in axes] != list(
+            self.moving_variance.shape
         ):
             self._raise_shape_mismatch(inputs)
         if mask is not None:
@@ -625,7 +625,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             self.initialize_parameters(inputs, training, mask)
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
-        if any(x.shape[a] == 0 for a in axes):  # no channel: nothing to normalize or update (as Keras)
+        if 0 in self.moving_variance.shape:  # no channel: nothing to normalize or update (as Keras)
             return x.clone()
         dtype = functional.compute_dtype(x.dtype)
         gamma, beta = self.gamma, self.beta
