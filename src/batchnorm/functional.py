@@ -47,6 +47,7 @@ __all__ = [
     "ghost_batches",
     "Statistics",
     "batch_statistics",
+    "fill_empty",
     "mean_over_ghosts",
     "combine_statistics",
     "valid_statistics",
@@ -149,9 +150,12 @@ def in_layout_of(y: Tensor, x: Tensor) -> Tensor:
 
     For the output of channel axes that :func:`channel_order` brought together by a copy.
     """
-    if y.stride() == x.stride() or (memory_order(x) is None and not x.is_contiguous()):
-        return y  # the same layout, or x has none to keep (not dense)
-    return torch.empty_like(x, dtype=y.dtype).copy_(y)
+    if y.stride() == x.stride():
+        return y
+    order = memory_order(x)
+    if order is None:  # contiguous, or not dense (no layout to keep)
+        return y.contiguous() if x.is_contiguous() else y
+    return y.permute(order).contiguous().permute(_inverse(order))
 
 
 def check_mask(mask: Tensor, shape: torch.Size, axis: Axes) -> None:
@@ -337,6 +341,29 @@ def _differentiable_statistics(view: Tensor, mask: Tensor | None) -> Statistics:
     count = _kernels.masked_count(mask, x.dtype)
     mean, var = _kernels.masked_moments(x, mask, count, x.dtype)
     return Statistics(mean, var, count, valid_statistics(mean, var, count))
+
+
+def fill_empty(statistics: Statistics, mean: Tensor, var: Tensor) -> Statistics:
+    """``statistics`` (with a tensor ``count``) with ``mean``/``var`` in place of the statistics of
+    the channels that have no element: a ``where`` on the device, no synchronization."""
+    has_elements = statistics.count > 0
+    filled = _saved_for_backward(
+        torch.where(has_elements, statistics.mean, mean), torch.where(has_elements, statistics.var, var)
+    )
+    return statistics._replace(mean=filled[0], var=filled[1])
+
+
+def _saved_for_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors``, which the backward reads and which come from buffers that the call updates in place.
+
+    Under ``torch.compile`` (torch 2.13), AOTAutograd may recompute such a value in the backward
+    from the buffer instead of saving it, and then reads the *updated* buffer: silently wrong
+    gradients (pytorch/pytorch#197039). It never recomputes a ``cat``: made by one, the values
+    are saved. Eager autograd saves them anyway.
+    """
+    if not torch.compiler.is_compiling():
+        return tensors
+    return torch.cat(tensors).split([t.numel() for t in tensors])
 
 
 def mean_over_ghosts(statistics: Statistics, ghosts: int) -> Statistics:
@@ -544,8 +571,8 @@ def renorm_affine(
     """
     mean, var = statistics.mean.detach(), statistics.var.detach()
     safe_stddev = renorm_stddev.to(mean.dtype).clamp(min=math.sqrt(epsilon))
-    r = torch.sqrt(var + epsilon).div_(safe_stddev)
-    d = (mean - renorm_mean.to(mean.dtype)).div_(safe_stddev)
+    r = torch.sqrt(var + epsilon) / safe_stddev
+    d = (mean - renorm_mean.to(mean.dtype)) / safe_stddev
     rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
     if rmin is not None or rmax is not None:
         r = r.clamp(rmin, rmax)
@@ -553,6 +580,7 @@ def renorm_affine(
         d = d.clamp(-dmax, dmax)
     if statistics.valid is not True:
         r, d = torch.where(statistics.valid, r, 1.0), torch.where(statistics.valid, d, 0.0)
+    r, d = _saved_for_backward(r, d)
     if gamma is None:
         return r, d if beta is None else d + beta
     return r * gamma, torch.addcmul(beta, d, gamma) if beta is not None else d * gamma

@@ -688,12 +688,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             return functional.normalize(view, *fallback, self.epsilon)
         update = statistics if ghosts == 1 else functional.mean_over_ghosts(statistics, ghosts)
         if not isinstance(statistics.count, int):  # decided on the device: no synchronization
-            has_elements = statistics.count > 0
-            fallback_mean, fallback_variance = _over_ghosts(ghosts, moving_mean, moving_variance)
-            statistics = statistics._replace(
-                mean=torch.where(has_elements, statistics.mean, fallback_mean),
-                var=torch.where(has_elements, statistics.var, fallback_variance),
-            )
+            statistics = functional.fill_empty(statistics, *_over_ghosts(ghosts, moving_mean, moving_variance))
         if self.renorm:
             renorm_mean, renorm_stddev = _flat(self.renorm_mean), _flat(self.renorm_stddev)
             gamma, beta = functional.renorm_affine(
