@@ -355,8 +355,12 @@ def test_renorm_config_equals_keras_and_loads_across(variant):
     k_from_ours.build(CONFIG_SHAPE)
     o_from_keras.build(CONFIG_SHAPE)
     assert list(o_from_keras.state_dict()) == [variable.path.split("/")[-1] for variable in k_from_ours.weights]
-    for weight in ("gamma", "beta", "moving_mean", "moving_variance", *BUFFERS[2:]):
-        k_var, o_var = keras_param(k_from_ours, weight), getattr(o_from_keras, weight, None)
+    renorm = ours["renorm"]
+    names = BUFFERS if renorm else BUFFERS[:2]
+    for weight in BUFFERS[len(names) :]:
+        assert not hasattr(k_from_ours, weight) and not hasattr(o_from_keras, weight), weight
+    for weight in ("gamma", "beta", *names):
+        k_var, o_var = keras_param(k_from_ours, weight), getattr(o_from_keras, weight)
         assert (k_var is None) == (o_var is None), weight
         if o_var is not None:
             assert o_var.dtype == k_var.dtype, f"{weight}: dtype {o_var.dtype} != keras {k_var.dtype}"
@@ -367,11 +371,11 @@ def test_renorm_config_equals_keras_and_loads_across(variant):
     axis, epsilon = config["axis"], config["epsilon"]
     dtype = torch.float64 if variant == "renorm_float64" else torch.float32
     generator = torch.Generator().manual_seed(_seed("renorm-config", variant))
-    state = random_state(CONFIG_SHAPE[axis], generator)
-    if config["renorm"]:
+    if renorm:
         state = random_renorm_state(CONFIG_SHAPE[axis], generator, "random", epsilon)
+    else:
+        state = random_state(CONFIG_SHAPE[axis], generator)
     set_state(k_from_ours, o_from_keras, state)
-    names = BUFFERS if config["renorm"] else BUFFERS[:2]
     before = {weight: getattr(o_from_keras, weight).clone() for weight in names}
     for index, training in enumerate((True, True, False)):
         x = channel_input(CONFIG_SHAPE, axis, generator).to(dtype)
