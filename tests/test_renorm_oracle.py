@@ -47,6 +47,7 @@ from test_keras_oracle import (
     _seed,
     _shape,
     assert_agree,
+    assert_config_equals_keras,
     assert_configs_match,
     compare_call,
     keras_param,
@@ -335,13 +336,7 @@ def test_renorm_config_equals_keras_and_loads_across(variant):
     name = f"bn_{variant}"
     k_layer = keras.layers.BatchNormalization(name=name, **_config_kwargs(variant, keras))
     o_layer = BatchNormalization(name=name, **_config_kwargs(variant, batchnorm))
-    ours, theirs = o_layer.get_config(), k_layer.get_config()
-    assert_configs_match(ours, theirs)
-    assert json.loads(json.dumps(ours)) == ours
-    k_layer.build(CONFIG_SHAPE)
-    o_layer.build(CONFIG_SHAPE)
-    assert o_layer.get_config() == ours
-    assert_configs_match(o_layer.get_config(), k_layer.get_config())
+    ours, theirs = assert_config_equals_keras(k_layer, o_layer, CONFIG_SHAPE)
 
     # Keras loads ours and writes it back the same; we load Keras's (through JSON too) and ours.
     k_from_ours = keras.layers.BatchNormalization.from_config(ours)
