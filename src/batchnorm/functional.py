@@ -54,6 +54,7 @@ __all__ = [
     "normalize",
     "normalize_input",
     "normalize_by_batch",
+    "renorm_correction",
     "renorm_affine",
     "update_moving_statistics",
     "update_renorm_statistics",
@@ -382,7 +383,7 @@ def mean_over_ghosts(statistics: Statistics, ghosts: int) -> Statistics:
     if not isinstance(count, Tensor):  # every ghost batch has `count` elements
         return Statistics(mean.mean(0), var.mean(0), count * ghosts, valid if valid is True else valid.all(0))
     has_elements = (count > 0).expand(statistics.mean.shape).view(ghosts, -1)
-    shares = has_elements / has_elements.sum(0).clamp(min=1)
+    shares = has_elements.to(mean.dtype) / has_elements.sum(0).clamp(min=1)
     valid = (valid | ~has_elements).all(0) & has_elements.any(0)
     totals = count.expand(statistics.mean.shape).view(ghosts, -1).sum(0)
     # Empty ghost batches have zero statistics: weighing nothing, they add nothing.
@@ -547,27 +548,21 @@ def _statistics_backward(grad_y, view, mask, gamma, mean, var, count, epsilon: f
 # ----------------------------------------------------------------------------------- updates
 
 
-def renorm_affine(
+def renorm_correction(
     statistics: Statistics,
-    gamma: Tensor | None,
-    beta: Tensor | None,
     renorm_mean: Tensor,
     renorm_stddev: Tensor,
     epsilon: float,
     clipping: dict[str, float | None],
 ) -> tuple[Tensor, Tensor]:
-    """The scale and offset that batch renormalization (Ioffe, 2017) puts in place of ``gamma``/``beta``.
+    """Batch renormalization's ``r`` and ``d`` (Ioffe, 2017), as Keras 3.15 computes them.
 
-    As Keras 3.15, from the batch statistics and the renorm statistics before this call's update::
+    From the batch statistics and the renorm statistics before this call's update::
 
         s = sqrt(var + epsilon)         sd = max(renorm_stddev, sqrt(epsilon))
         r = clip(s / sd, rmin, rmax)    d = clip((mean - renorm_mean) / sd, -dmax, dmax)
 
-    (a bound absent from ``clipping``, or ``None``, clips nothing), and ``r``/``d`` are constants for the
-    gradients. Normalizing with the returned ``(r * gamma, d * gamma + beta)`` gives
-    ``((x - mean) / s * r + d) * gamma + beta`` (``gamma``/``beta`` absent: 1/0). A channel that
-    is not ``statistics.valid`` (no element: the caller normalizes it with other constants) gets
-    ``r = 1``, ``d = 0``.
+    A bound absent from ``clipping``, or ``None``, clips nothing. Constants for the gradients.
     """
     mean, var = statistics.mean.detach(), statistics.var.detach()
     safe_stddev = renorm_stddev.to(mean.dtype).clamp(min=math.sqrt(epsilon))
@@ -578,8 +573,21 @@ def renorm_affine(
         r = r.clamp(rmin, rmax)
     if dmax is not None:
         d = d.clamp(-dmax, dmax)
-    if statistics.valid is not True:
-        r, d = torch.where(statistics.valid, r, 1.0), torch.where(statistics.valid, d, 0.0)
+    return r, d
+
+
+def renorm_affine(
+    r: Tensor, d: Tensor, gamma: Tensor | None, beta: Tensor | None, valid: Tensor | bool
+) -> tuple[Tensor, Tensor]:
+    """The scale and offset that batch renormalization puts in place of ``gamma`` and ``beta``.
+
+    Normalizing with ``(r * gamma, d * gamma + beta)`` gives ``((x - mean) / s * r + d) * gamma
+    + beta`` (``gamma``/``beta`` absent: 1/0), as Keras composes them. A channel that is not
+    ``valid`` (no element: the caller normalizes it with the moving statistics, as in inference)
+    takes ``r = 1``, ``d = 0``.
+    """
+    if valid is not True:
+        r, d = torch.where(valid, r, 1.0), torch.where(valid, d, 0.0)
     r, d = _saved_for_backward(r, d)
     if gamma is None:
         return r, d if beta is None else d + beta
