@@ -34,7 +34,7 @@ def shape_text(shape) -> str:
 # ------------------------------------------------------------------------------ constructor
 
 
-@pytest.mark.parametrize("axis", [True, False, "1", "-1", 1.7, 1.0, [1], (1,), None, torch.tensor(1)])
+@pytest.mark.parametrize("axis", [True, False, "1", "-1", 1.7, 1.0, [1.0], (True,), [], None, torch.tensor(1)])
 def test_axis_must_be_an_int(axis):
     with pytest.raises(TypeError, match=rf"axis.*{re.escape(repr(axis))}"):
         BatchNormalization(axis=axis)
@@ -381,15 +381,35 @@ def test_from_config_unknown_key_in_keras_wrapper():
 
 
 @pytest.mark.parametrize("extra", [{}, {"renorm_clipping": {"rmax": 3.0}, "renorm_momentum": 0.9}])
-def test_from_config_renorm_true_is_refused(extra):
+def test_from_config_renorm_round_trips(extra):
     config = {**BatchNormalization().get_config(), "renorm": True, **extra}
-    with pytest.raises(ValueError, match=r"renorm"):
-        BatchNormalization.from_config(config)
+    layer = BatchNormalization.from_config(config)
+    assert layer.renorm and layer.get_config() == {**config, "renorm_clipping": extra.get("renorm_clipping", {})}
 
 
 def test_from_config_renorm_false_is_accepted():
     config = {**BatchNormalization().get_config(), "renorm": False, "renorm_clipping": None, "renorm_momentum": 0.5}
     assert isinstance(BatchNormalization.from_config(config), BatchNormalization)
+
+
+@pytest.mark.parametrize("extra", [{"fused": True}, {"fused": None}, {"adjustment": None}])
+def test_from_config_accepts_tf_keras_choices_that_change_nothing(extra):
+    config = {**BatchNormalization().get_config(), **extra}
+    assert BatchNormalization.from_config(config).get_config() == BatchNormalization().get_config() | {
+        "name": config["name"]
+    }
+
+
+def test_from_config_refuses_an_adjustment():
+    config = {**BatchNormalization().get_config(), "adjustment": "my_module.adjust"}
+    with pytest.raises(ValueError, match=r"adjustment"):
+        BatchNormalization.from_config(config)
+
+
+def test_from_config_takes_tf_keras_list_axis_and_virtual_batch_size():
+    config = {**BatchNormalization().get_config(), "axis": [1, 3], "virtual_batch_size": 4}
+    layer = BatchNormalization.from_config(config)
+    assert layer.axis == [1, 3] and layer.virtual_batch_size == 4 and layer.get_config() == config
 
 
 @pytest.mark.parametrize(

@@ -248,6 +248,13 @@ def _channel_sums(view: Tensor) -> tuple[Tensor, Tensor]:
     return sums, sum_squares
 
 
+def masked_count(inside: Tensor, dtype: torch.dtype) -> Tensor:
+    """Masked-in elements per channel of a mask view: 0-dim for a mask of every channel, else ``(C,)``."""
+    if inside.shape[1] == 1:
+        return inside.sum(dtype=dtype)
+    return inside.sum(reduced_dims(inside), dtype=dtype)
+
+
 def masked_moments(view: Tensor, inside: Tensor, count: Tensor, accumulate: torch.dtype) -> tuple[Tensor, Tensor]:
     """Mean and biased variance of the masked-in elements by the corrected two-pass algorithm.
 
@@ -279,9 +286,10 @@ def masked_statistics(view: Tensor, inside: Tensor) -> tuple[Tensor, Tensor, Ten
       product, and fails the check).
 
     Elsewhere, and where the check fails: :func:`masked_moments` (in float64 under
-    ``torch.compile``). ``count`` is an int where the host knows it, else a 0-dim tensor.
+    ``torch.compile``). ``count`` is an int where the host knows it, else a tensor
+    (:func:`masked_count`).
     """
-    if eager_cpu(view):
+    if eager_cpu(view) and inside.shape[1] == 1:  # one mask for every channel
         if view.dim() == 2:
             rows = torch.index_select(view, 0, inside.reshape(-1).nonzero().reshape(-1))
             if len(rows):
@@ -294,7 +302,7 @@ def masked_statistics(view: Tensor, inside: Tensor) -> tuple[Tensor, Tensor, Ten
             if finite_and_accurate(mean, var, TRUSTED_RATIO_CHANNEL_SUMS):
                 return mean, var, n, True
     dtype = compute_dtype(view.dtype)
-    count = inside.sum(dtype=dtype)
+    count = masked_count(inside, dtype)
     accumulate = torch.float64 if torch.compiler.is_compiling() else dtype
     mean, var = masked_moments(view, inside, count, accumulate)
     return mean, var, count, valid_statistics(mean, var, count)

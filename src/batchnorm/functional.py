@@ -10,6 +10,11 @@ dimension 1, so that PyTorch's native batch-norm kernels apply without moving da
 For a contiguous input both are views (no copy). The statistics of channel ``c`` are taken over
 every element of the view with index ``c`` on dimension 1, i.e. over every axis but ``axis``.
 
+Several channel axes (``axis=(1, 3)``) are one channel dimension of the view, their product,
+indexed in row-major order of the sorted axes: a view where they are adjacent in memory, one copy
+where they are not (:func:`channel_order`). Ghost batches (:func:`ghost_batches`) are one more
+channel axis: each ghost batch has its own statistics.
+
 All statistics are computed in the *compute dtype*, ``promote_types(x.dtype, float32)``: 16-bit
 inputs are normalized with float32 statistics and weights (PyTorch's mixed-dtype kernels), float64
 inputs in float64.
@@ -18,7 +23,7 @@ inputs in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -31,20 +36,29 @@ from ._kernels import combine_statistics, compute_dtype, per_channel, valid_stat
 __all__ = [
     "compute_dtype",
     "memory_order",
+    "channel_order",
     "channel_view",
     "from_channel_view",
+    "in_layout_of",
     "per_channel",
     "check_mask",
+    "full_mask",
     "mask_view",
+    "ghost_batches",
     "Statistics",
     "batch_statistics",
+    "mean_over_ghosts",
     "combine_statistics",
     "valid_statistics",
     "normalize",
     "normalize_input",
     "normalize_by_batch",
+    "renorm_affine",
     "update_moving_statistics",
+    "update_renorm_statistics",
 ]
+
+Axes = int | Sequence[int]
 
 
 # PyTorch's named memory formats by rank, each with its order of dimensions in memory.
@@ -71,60 +85,129 @@ def _inverse(order: tuple[int, ...]) -> tuple[int, ...]:
     return tuple(sorted(range(len(order)), key=order.__getitem__))
 
 
-def channel_view(x: Tensor, axis: int, order: tuple[int, ...] | None = None) -> Tensor:
+def _as_axes(axis: Axes) -> tuple[int, ...]:
+    return (axis,) if isinstance(axis, int) else tuple(axis)
+
+
+def channel_order(x: Tensor, axis: Axes) -> tuple[int, ...] | None:
+    """The order of dimensions in which :func:`channel_view` reads ``x`` for the channel axes ``axis``
+    (non-negative, sorted): :func:`memory_order`, with several channel axes brought together.
+
+    Channel axes that lie together in memory, in increasing order, keep it (a view); others are
+    gathered at the place of the first of them (the view is then a copy, and
+    :func:`in_layout_of` puts the output back in ``x``'s layout).
+    """
+    order = memory_order(x)
+    axes = _as_axes(axis)
+    if len(axes) == 1:
+        return order
+    current = order if order is not None else tuple(range(x.dim()))
+    first = current.index(axes[0])
+    if current[first : first + len(axes)] == axes:
+        return order
+    others = [d for d in current if d not in axes]
+    at = sum(d not in axes for d in current[: min(map(current.index, axes))])
+    return (*others[:at], *axes, *others[at:])
+
+
+def channel_view(x: Tensor, axis: Axes, order: tuple[int, ...] | None = None) -> Tensor:
     """Reshape ``x`` so that ``axis`` (non-negative) becomes dimension 1: ``(M, C)`` or ``(A, C, B)``.
 
-    The dimensions are taken in ``order`` (:func:`memory_order`; ``None``: as they are), and
+    The dimensions are taken in ``order`` (:func:`channel_order`; ``None``: as they are), and
     ``A``/``B`` are the products of the sizes before/after ``axis`` in it; ``(M, C)`` when every
     size after it is 1 (channels last, e.g. a ``torch.channels_last`` input with ``axis=1``).
+    Several channel axes (sorted, together in ``order``) make one of their product.
 
-    A view whenever ``x``'s strides allow one (always for a tensor dense in ``order``); a copy
-    otherwise. :func:`from_channel_view` undoes it.
+    A view whenever ``x``'s strides allow one (always for a tensor dense in ``order`` with one
+    channel axis); a copy otherwise. :func:`from_channel_view` undoes it.
     """
+    axes = _as_axes(axis)
     if order is not None:
-        x, axis = x.permute(order), order.index(axis)
+        x = x.permute(order)
+        axes = tuple(order.index(a) for a in axes)
+    start, stop = axes[0], axes[0] + len(axes)
+    if axes != tuple(range(start, stop)):
+        raise ValueError(f"the channel axes {_as_axes(axis)} are not together in the order {order}: see channel_order")
     shape = x.shape
-    channels = shape[axis]
-    after = math.prod(shape[axis + 1 :])
+    channels = math.prod(shape[start:stop])
+    after = math.prod(shape[stop:])
     if after == 1:  # channels last, or only size-1 dimensions after the axis: rows of channels
-        return x.reshape(math.prod(shape[:axis]), channels)
-    return x.reshape(math.prod(shape[:axis]), channels, after)
+        return x.reshape(math.prod(shape[:start]), channels)
+    return x.reshape(math.prod(shape[:start]), channels, after)
 
 
 def from_channel_view(y: Tensor, shape: torch.Size, order: tuple[int, ...] | None = None) -> Tensor:
     """``y``, a channel view made by ``channel_view(x, axis, order)``, back in ``x``'s ``shape``
-    and, for a contiguous ``y``, in ``x``'s memory layout (a view)."""
+    and, for a contiguous ``y``, in the layout of ``x.permute(order)`` (a view)."""
     if order is None:
         return y.reshape(shape)
     return y.reshape([shape[d] for d in order]).permute(_inverse(order))
 
 
-def check_mask(mask: Tensor, shape: torch.Size, axis: int) -> None:
-    """Raise ``ValueError`` unless ``mask`` fits ``shape`` without its channel axis.
+def in_layout_of(y: Tensor, x: Tensor) -> Tensor:
+    """``y`` (of ``x``'s shape) in ``x``'s memory layout: ``y`` where it has it, else a copy.
 
-    The mask must have rank ``len(shape) - 1`` and each of its dimensions must equal the matching
-    non-channel dimension of ``shape`` or be 1 (broadcast).
+    For the output of channel axes that :func:`channel_order` brought together by a copy.
     """
-    expected = tuple(shape[:axis]) + tuple(shape[axis + 1 :])
+    if y.stride() == x.stride() or (memory_order(x) is None and not x.is_contiguous()):
+        return y  # the same layout, or x has none to keep (not dense)
+    return torch.empty_like(x, dtype=y.dtype).copy_(y)
+
+
+def check_mask(mask: Tensor, shape: torch.Size, axis: Axes) -> None:
+    """Raise ``ValueError`` unless ``mask`` fits ``shape`` without its channel axes.
+
+    The mask must have rank ``len(shape) - len(axes)`` and each of its dimensions must equal the
+    matching non-channel dimension of ``shape`` or be 1 (broadcast).
+    """
+    axes = _as_axes(axis)
+    expected = tuple(size for d, size in enumerate(shape) if d not in axes)
     fits = mask.dim() == len(expected) and all(m in (1, e) for m, e in zip(mask.shape, expected))
     if not fits:
+        named = f"channel axis {axes[0]}" if len(axes) == 1 else f"channel axes {axes}"
         raise ValueError(
             f"mask of shape {tuple(mask.shape)} does not fit inputs of shape {tuple(shape)} "
-            f"with channel axis {axis}: expected shape {expected}, each dimension that size or 1"
+            f"with {named}: expected shape {expected}, each dimension that size or 1"
         )
 
 
-def mask_view(mask: Tensor, shape: torch.Size, axis: int, order: tuple[int, ...] | None = None) -> Tensor:
-    """The mask as booleans shaped like ``channel_view(x, axis, order)`` with ``C`` replaced by 1.
+def full_mask(mask: Tensor, shape: torch.Size, axis: Axes) -> Tensor:
+    """The mask as booleans of the input's rank: size 1 on the channel axes, ``shape``'s sizes elsewhere.
 
-    Non-zero mask values count as True (as Keras 3.15, which casts the mask to bool).
+    Non-zero mask values count as True (as Keras 3.15, which casts the mask to bool). A view of
+    the mask where it is boolean (size-1 dimensions are expanded, not copied).
     """
-    inside = (mask if mask.dtype == torch.bool else mask != 0).unsqueeze(axis)
-    full = list(shape)
-    full[axis] = 1
-    if list(inside.shape) != full:  # size-1 dimensions broadcast
-        inside = inside.expand(full)
-    return channel_view(inside, axis, order)
+    inside = mask if mask.dtype == torch.bool else mask != 0
+    axes = _as_axes(axis)
+    for a in axes:  # sorted: each lands where it belongs
+        inside = inside.unsqueeze(a)
+    full = [1 if d in axes else size for d, size in enumerate(shape)]
+    return inside if list(inside.shape) == full else inside.expand(full)
+
+
+def mask_view(mask: Tensor, shape: torch.Size, axis: Axes, order: tuple[int, ...] | None = None) -> Tensor:
+    """The mask as booleans shaped like ``channel_view(x, axis, order)`` with ``C`` replaced by 1."""
+    return channel_view(full_mask(mask, shape, axis), axis, order)
+
+
+def ghost_batches(
+    x: Tensor, virtual_batch_size: int, axis: Axes, inside: Tensor | None = None
+) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
+    """``x`` split into ghost batches as tf-keras splits it, with the channel axes that give each its own statistics.
+
+    ``x`` of shape ``(B, ...)`` is viewed as ``(v, B / v, ...)`` (``v = virtual_batch_size``,
+    which must divide ``B``): ghost batch ``j`` holds the samples ``j, j + B/v, j + 2B/v, ...``
+    (strided, as tf-keras's row-major reshape). Returns that view, the channel axes ``(1, *axis
+    + 1)`` (the ghost index first) and ``inside`` (a :func:`full_mask` of ``x``, or ``None``)
+    likewise split and expanded over the channel axes, since it differs from ghost to ghost.
+    """
+    axes = _as_axes(axis)
+    ghosts = x.shape[0] // virtual_batch_size
+    split = x.unflatten(0, (virtual_batch_size, ghosts))
+    if inside is not None:
+        inside = inside.expand(x.shape[0], *inside.shape[1:]).unflatten(0, (virtual_batch_size, ghosts))
+        inside = inside.expand(split.shape)
+    return split, (1, *(a + 1 for a in axes)), inside
 
 
 def normalize(
@@ -163,17 +246,19 @@ def normalize(
 
 
 def normalize_input(
-    x: Tensor, axis: int, mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, epsilon: float
+    x: Tensor, axis: Axes, mean: Tensor, var: Tensor, gamma: Tensor | None, beta: Tensor | None, epsilon: float
 ) -> Tensor:
-    """:func:`normalize` of ``x`` along ``axis`` (non-negative), in ``x``'s shape and memory format."""
-    if axis == 1 and not _needs_grad(x, gamma, beta):
+    """:func:`normalize` of ``x`` along ``axis`` (non-negative, or several sorted), in ``x``'s shape
+    and memory format. The ``(C,)`` tensors run over the channel axes' indices in row-major order."""
+    if axis in (1, (1,)) and not _needs_grad(x, gamma, beta):
         # PyTorch's own (N, C, ...) layout: its kernel reads x as it lies, in any memory format,
         # as F.batch_norm does. Not where autograd records: given a gradient in another layout
         # than a channels-last-like input, PyTorch's CPU backward permutes dx (torch 2.13).
         return normalize(x, mean, var, gamma, beta, epsilon)
-    order = memory_order(x)
+    order = channel_order(x, axis)
     y = normalize(channel_view(x, axis, order), mean, var, gamma, beta, epsilon)
-    return from_channel_view(y, x.shape, order)
+    y = from_channel_view(y, x.shape, order)
+    return y if isinstance(axis, int) or len(axis) == 1 else in_layout_of(y, x)
 
 
 # ------------------------------------------------------------------------------ batch statistics
@@ -184,7 +269,8 @@ class Statistics(NamedTuple):
 
     ``mean`` and ``var`` (biased) are ``(C,)``; ``count`` is the number of elements each channel
     was taken over: an ``int`` where the host knows it for free (CPU, no mask or a mask read on
-    CPU), else a 0-dim tensor (no synchronization). ``valid`` tells the channels whose statistics
+    CPU), else a 0-dim tensor (no synchronization), or a ``(C,)`` one where the mask differs
+    between channels (ghost batches). ``valid`` tells the channels whose statistics
     may update the moving ones (finite, with ``count > 0``, SPEC section 5): ``True`` for every
     channel where the host knows it, else a bool tensor.
     """
@@ -203,9 +289,10 @@ def batch_statistics(view: Tensor, mask: Tensor | None = None) -> Statistics:
         mean = sum_I(x) / count        var = sum_I((x - mean)**2) / count
 
     ``view`` is a channel view (``(M, C)`` or ``(A, C, B)``, any dtype, possibly empty) and
-    ``mask`` ``None`` or a boolean tensor shaped like it with ``C`` replaced by 1
-    (:func:`mask_view`). Values outside ``I`` never enter the statistics, not even a NaN. With
-    no element (``count == 0``) ``mean``/``var`` are zeros and no channel is valid.
+    ``mask`` ``None`` or a boolean tensor shaped like it, with ``C`` replaced by 1
+    (:func:`mask_view`) unless the mask differs between channels (:func:`ghost_batches`). Values
+    outside ``I`` never enter the statistics, not even a NaN. With no element (``count == 0``)
+    ``mean``/``var`` are zeros and no channel is valid.
 
     Stable for any offset (never ``E[x**2] - E[x]**2`` unchecked): PyTorch's native kernels,
     checked on CPU, with stable fallbacks (``_kernels``); under ``torch.compile``, ``var_mean``
@@ -246,9 +333,32 @@ def _differentiable_statistics(view: Tensor, mask: Tensor | None) -> Statistics:
     if mask is None:
         var, mean = torch.var_mean(x, _kernels.reduced_dims(x), correction=0)
         return Statistics(mean, var, view.numel() // view.shape[1], valid_statistics(mean, var))
-    count = mask.sum(dtype=x.dtype)
+    count = _kernels.masked_count(mask, x.dtype)
     mean, var = _kernels.masked_moments(x, mask, count, x.dtype)
     return Statistics(mean, var, count, valid_statistics(mean, var, count))
+
+
+def mean_over_ghosts(statistics: Statistics, ghosts: int) -> Statistics:
+    """The statistics that update the moving ones after a call in ghost batches (as tf-keras).
+
+    ``statistics`` are those of the channel view of :func:`ghost_batches` (``ghosts * C``
+    channels, ghost-major). Per channel: the mean over the ghost batches of their means and of
+    their (biased) variances, one update per call. Deliberately beyond tf-keras: ghost batches
+    without an element (all masked out) are left out of both means; a channel is valid when
+    some ghost batch has elements and every one that has them is valid.
+    """
+    mean, var = statistics.mean.view(ghosts, -1), statistics.var.view(ghosts, -1)
+    count, valid = statistics.count, statistics.valid
+    if isinstance(valid, Tensor):
+        valid = valid.view(ghosts, -1)
+    if not isinstance(count, Tensor):  # every ghost batch has `count` elements
+        return Statistics(mean.mean(0), var.mean(0), count * ghosts, valid if valid is True else valid.all(0))
+    has_elements = (count > 0).expand(statistics.mean.shape).view(ghosts, -1)
+    shares = has_elements / has_elements.sum(0).clamp(min=1)
+    valid = (valid | ~has_elements).all(0) & has_elements.any(0)
+    totals = count.expand(statistics.mean.shape).view(ghosts, -1).sum(0)
+    # Empty ghost batches have zero statistics: weighing nothing, they add nothing.
+    return Statistics((shares * mean).sum(0), (shares * var).sum(0), totals, valid)
 
 
 # -------------------------------------------------------------------------- training normalization
@@ -409,6 +519,44 @@ def _statistics_backward(grad_y, view, mask, gamma, mean, var, count, epsilon: f
 # ----------------------------------------------------------------------------------- updates
 
 
+def renorm_affine(
+    statistics: Statistics,
+    gamma: Tensor | None,
+    beta: Tensor | None,
+    renorm_mean: Tensor,
+    renorm_stddev: Tensor,
+    epsilon: float,
+    clipping: dict[str, float | None],
+) -> tuple[Tensor, Tensor]:
+    """The scale and offset that batch renormalization (Ioffe, 2017) puts in place of ``gamma``/``beta``.
+
+    As Keras 3.15, from the batch statistics and the renorm statistics before this call's update::
+
+        s = sqrt(var + epsilon)         sd = max(renorm_stddev, sqrt(epsilon))
+        r = clip(s / sd, rmin, rmax)    d = clip((mean - renorm_mean) / sd, -dmax, dmax)
+
+    (a bound absent from ``clipping``, or ``None``, clips nothing), and ``r``/``d`` are constants for the
+    gradients. Normalizing with the returned ``(r * gamma, d * gamma + beta)`` gives
+    ``((x - mean) / s * r + d) * gamma + beta`` (``gamma``/``beta`` absent: 1/0). A channel that
+    is not ``statistics.valid`` (no element: the caller normalizes it with other constants) gets
+    ``r = 1``, ``d = 0``.
+    """
+    mean, var = statistics.mean.detach(), statistics.var.detach()
+    safe_stddev = renorm_stddev.to(mean.dtype).clamp(min=math.sqrt(epsilon))
+    r = torch.sqrt(var + epsilon).div_(safe_stddev)
+    d = (mean - renorm_mean.to(mean.dtype)).div_(safe_stddev)
+    rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
+    if rmin is not None or rmax is not None:
+        r = r.clamp(rmin, rmax)
+    if dmax is not None:
+        d = d.clamp(-dmax, dmax)
+    if statistics.valid is not True:
+        r, d = torch.where(statistics.valid, r, 1.0), torch.where(statistics.valid, d, 0.0)
+    if gamma is None:
+        return r, d if beta is None else d + beta
+    return r * gamma, torch.addcmul(beta, d, gamma) if beta is not None else d * gamma
+
+
 def update_moving_statistics(
     moving_mean: Tensor, moving_variance: Tensor, statistics: Statistics, momentum: float
 ) -> None:
@@ -420,17 +568,59 @@ def update_moving_statistics(
     overflows the buffer's dtype keeps its old one. The decision stays on the device (no host
     synchronization); no gradient flows (the statistics are detached where they carry one).
     """
+    _move_toward(moving_mean, statistics.mean, statistics.valid, 1.0 - momentum)
+    _move_toward(moving_variance, statistics.var, statistics.valid, 1.0 - momentum)
+
+
+def update_renorm_statistics(
+    moving_mean: Tensor,
+    moving_variance: Tensor,
+    moving_stddev: Tensor,
+    renorm_mean: Tensor,
+    renorm_stddev: Tensor,
+    statistics: Statistics,
+    momentum: float,
+    renorm_momentum: float,
+    epsilon: float,
+) -> None:
+    """Batch renormalization's five updates (Keras 3.15), in place, only for ``statistics.valid``.
+
+    With ``s = sqrt(var + epsilon)``: ``renorm_mean``/``renorm_stddev`` move toward ``mean``/``s``
+    with ``renorm_momentum``, ``moving_mean``/``moving_stddev`` with ``momentum`` (each as in
+    :func:`update_moving_statistics`), then ``moving_variance = relu(moving_stddev**2 - epsilon)``.
+    """
     valid = statistics.valid
-    for moving, batch in ((moving_mean, statistics.mean), (moving_variance, statistics.var)):
-        if batch.requires_grad:
-            batch = batch.detach()
-        # An invalid channel blends with itself, which leaves it exactly as it was.
-        target = batch if valid is True else torch.where(valid, batch, moving)
-        if target.dtype != moving.dtype:  # blend in the wider dtype, store in the buffer's
-            wide = torch.promote_types(moving.dtype, target.dtype)
-            blended = moving.to(wide, copy=True).lerp_(target.to(wide), 1.0 - momentum).to(moving.dtype)
-            # A value beyond the buffer's range (a float16 buffer and a variance above 65504)
-            # would be stored as inf: that channel keeps its value (SPEC section 5).
-            moving.copy_(torch.where(blended.isfinite(), blended, moving))
-        else:
-            moving.lerp_(target, 1.0 - momentum)
+    mean = statistics.mean.detach()
+    stddev = torch.sqrt(statistics.var.detach() + epsilon)
+    _move_toward(renorm_mean, mean, valid, 1.0 - renorm_momentum)
+    _move_toward(renorm_stddev, stddev, valid, 1.0 - renorm_momentum)
+    _move_toward(moving_mean, mean, valid, 1.0 - momentum)
+    _move_toward(moving_stddev, stddev, valid, 1.0 - momentum)
+    stddev = moving_stddev.to(torch.promote_types(moving_stddev.dtype, mean.dtype))
+    # relu: rounding may take the square below epsilon (Keras's comment)
+    _assign(moving_variance, (stddev * stddev - epsilon).relu_(), valid)
+
+
+def _move_toward(moving: Tensor, batch: Tensor, valid: Tensor | bool, weight: float) -> None:
+    """``moving += weight * (batch - moving)`` in place, for the ``valid`` channels (module docstring)."""
+    if batch.requires_grad:
+        batch = batch.detach()
+    # An invalid channel blends with itself, which leaves it exactly as it was.
+    target = batch if valid is True else torch.where(valid, batch, moving)
+    if target.dtype == moving.dtype:
+        moving.lerp_(target, weight)
+    else:  # blend in the wider dtype, store in the buffer's
+        wide = torch.promote_types(moving.dtype, target.dtype)
+        _assign(moving, moving.to(wide, copy=True).lerp_(target.to(wide), weight), True)
+
+
+def _assign(moving: Tensor, value: Tensor, valid: Tensor | bool) -> None:
+    """``moving = value`` in place for the ``valid`` channels whose value is finite in ``moving``'s dtype.
+
+    A value beyond the buffer's range (a float16 buffer and a variance above 65504) would be
+    stored as inf: that channel keeps its value (SPEC section 5).
+    """
+    if value.dtype != moving.dtype:
+        value = value.to(moving.dtype)
+        valid = value.isfinite() if valid is True else valid & value.isfinite()
+    moving.copy_(value if valid is True else torch.where(valid, value, moving))

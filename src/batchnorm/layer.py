@@ -33,8 +33,10 @@ _POLICY_WEIGHT_DTYPES = {
 }
 _TORCH_DTYPE_NAMES = {dtype: name for name, dtype in _POLICY_WEIGHT_DTYPES.items() if "mixed" not in name}
 
-# Keras 3.15 configuration keys we accept but whose feature (batch renormalization) is absent.
-_RENORM_DEFAULTS = {"renorm": False, "renorm_clipping": None, "renorm_momentum": 0.99}
+# The bounds that batch renormalization's ``renorm_clipping`` may give (Keras's keys).
+_CLIPPING_KEYS = ("rmax", "rmin", "dmax")
+# Batch renormalization's buffers, in Keras's order of creation (after moving_variance).
+_RENORM_BUFFERS = ("moving_stddev", "renorm_mean", "renorm_stddev")
 
 
 class _UninitializedBuffer(UninitializedBuffer):
@@ -52,24 +54,83 @@ def _check_type(name: str, value: Any, kind: type | tuple, description: str) -> 
         raise TypeError(f"{name} must be {description}, received {name}={value!r}")
 
 
-def _check_arguments(axis: Any, momentum: Any, epsilon: Any, name: Any, process_group: Any, **flags: Any) -> None:
+def _check_arguments(
+    axis: Any,
+    momentum: Any,
+    epsilon: Any,
+    name: Any,
+    process_group: Any,
+    renorm_clipping: Any,
+    renorm_momentum: Any,
+    virtual_batch_size: Any,
+    **flags: Any,
+) -> None:
     """The constructor's checks of its plain arguments, in the order their errors are reported.
 
     ``flags`` are the bool arguments by name (``center``, ``scale``, ...). The initializers,
     regularizers, constraints, dtype and device are checked by their own resolution.
     """
-    _check_type("axis", axis, numbers.Integral, "an int")
-    _check_type("momentum", momentum, numbers.Real, "a real number")
+    _check_axis(axis)
+    _check_fraction("momentum", momentum)
     _check_type("epsilon", epsilon, numbers.Real, "a real number")
-    if not 0.0 <= momentum <= 1.0:
-        raise ValueError(f"momentum must be in [0, 1], received momentum={momentum!r}")
     if not 0.0 < epsilon < float("inf"):
         raise ValueError(f"epsilon must be a positive finite number, received epsilon={epsilon!r}")
     for flag_name, flag in flags.items():
         _check_type(flag_name, flag, bool, "a bool")
+    _check_clipping(renorm_clipping)
+    _check_fraction("renorm_momentum", renorm_momentum)
+    if virtual_batch_size is not None:
+        _check_type("virtual_batch_size", virtual_batch_size, numbers.Integral, "None or an int")
+        if virtual_batch_size <= 0:
+            raise ValueError(f"virtual_batch_size must be positive, received virtual_batch_size={virtual_batch_size!r}")
+        if 0 in ((axis,) if isinstance(axis, numbers.Integral) else axis):
+            raise ValueError(
+                f"virtual_batch_size splits the batch axis, which must not be normalized: received axis={axis!r}"
+            )
     if name is not None:
         _check_type("name", name, str, "a str")
     _check_process_group(process_group)
+
+
+def _check_axis(axis: Any) -> None:
+    """An int, or a non-empty list or tuple of distinct ints (several channel axes, as tf-keras)."""
+    if isinstance(axis, (list, tuple)):
+        if not axis or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axis):
+            raise TypeError(f"axis must be an int or a non-empty list/tuple of ints, received axis={axis!r}")
+        if len(set(axis)) < len(axis):
+            raise ValueError(f"axis must not name an axis twice, received axis={axis!r}")
+        return
+    _check_type("axis", axis, numbers.Integral, "an int or a non-empty list/tuple of ints")
+
+
+def _check_fraction(name: str, value: Any) -> None:
+    _check_type(name, value, numbers.Real, "a real number")
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name} must be in [0, 1], received {name}={value!r}")
+
+
+def _check_clipping(clipping: Any) -> None:
+    """``None`` or a dict of the bounds ``rmax``, ``rmin``, ``dmax``: real numbers, ``rmax >= rmin``, ``dmax >= 0``."""
+    if clipping is None:
+        return
+    if not isinstance(clipping, dict):
+        raise TypeError(f"renorm_clipping must be None or a dict, received renorm_clipping={clipping!r}")
+    unknown = sorted(set(clipping) - set(_CLIPPING_KEYS), key=str)
+    if unknown:
+        raise ValueError(
+            f"renorm_clipping has unknown keys {unknown}: the keys are {list(_CLIPPING_KEYS)}, "
+            f"received renorm_clipping={clipping!r}"
+        )
+    for key, value in clipping.items():
+        if value is not None:  # None: no bound (as Keras)
+            _check_type(f"renorm_clipping[{key!r}]", value, numbers.Real, "a real number")
+            if value != value:
+                raise ValueError(f"renorm_clipping[{key!r}] must not be NaN")
+    rmax, rmin, dmax = (clipping.get(key) for key in _CLIPPING_KEYS)
+    if rmax is not None and rmin is not None and rmax < rmin:
+        raise ValueError(f"renorm_clipping needs rmax >= rmin, received rmax={rmax!r}, rmin={rmin!r}")
+    if dmax is not None and dmax < 0:
+        raise ValueError(f"renorm_clipping needs dmax >= 0, received dmax={dmax!r}")
 
 
 def _check_device(device: Any) -> torch.device | None:
@@ -137,10 +198,17 @@ def _resolve_dtype(dtype: Any) -> tuple[str, torch.dtype]:
 
 
 def _register_unbuilt_weights(
-    layer: nn.Module, *, scale: bool, center: bool, trainable: bool, device: torch.device | None, dtype: torch.dtype
+    layer: nn.Module,
+    *,
+    scale: bool,
+    center: bool,
+    renorm: bool,
+    trainable: bool,
+    device: torch.device | None,
+    dtype: torch.dtype,
 ) -> None:
-    """Register ``gamma`` (if ``scale``), ``beta`` (if ``center``) and the moving statistics on
-    ``layer``, uninitialized until the build.
+    """Register ``gamma`` (if ``scale``), ``beta`` (if ``center``), the moving statistics and, if
+    ``renorm``, batch renormalization's three statistics on ``layer``, uninitialized until the build.
 
     As in torch's lazy modules: an optimizer, a deepcopy or a state_dict taken now holds the very
     objects that are later materialized and trained, and .to()/.double()/.half() or a torch.device
@@ -151,6 +219,21 @@ def _register_unbuilt_weights(
     layer.register_parameter("beta", UninitializedParameter(requires_grad=trainable, **factory) if center else None)
     layer.register_buffer("moving_mean", _UninitializedBuffer(**factory))
     layer.register_buffer("moving_variance", _UninitializedBuffer(**factory))
+    for name in _RENORM_BUFFERS if renorm else ():
+        layer.register_buffer(name, _UninitializedBuffer(**factory))
+
+
+def _flat(weight: Tensor | None) -> Tensor | None:
+    """A weight of several channel axes as the one channel dimension of the channel view (a view)."""
+    return weight if weight is None or weight.dim() == 1 else weight.view(-1)
+
+
+def _over_ghosts(ghosts: int, *weights: Tensor | None) -> tuple[Tensor | None, ...]:
+    """Per-channel weights repeated for each of ``ghosts`` ghost batches (ghost-major, as
+    :func:`functional.ghost_batches` lays the channels out); differentiable."""
+    if ghosts == 1:
+        return weights
+    return tuple(None if w is None else w.repeat(ghosts) for w in weights)
 
 
 class BatchNormalization(LazyModuleMixin, nn.Module):
@@ -233,8 +316,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         gamma_regularizer: Any = None,
         beta_constraint: Any = None,
         gamma_constraint: Any = None,
+        renorm: bool = False,
+        renorm_clipping: dict[str, float] | None = None,
+        renorm_momentum: float = 0.99,
         synchronized: bool = False,
         *,
+        virtual_batch_size: int | None = None,
         name: str | None = None,
         trainable: bool = True,
         dtype: Any = None,
@@ -248,14 +335,24 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             epsilon,
             name,
             process_group,
+            renorm_clipping,
+            renorm_momentum,
+            virtual_batch_size,
             center=center,
             scale=scale,
+            renorm=renorm,
             synchronized=synchronized,
             trainable=trainable,
         )
-        self.axis = int(axis)  # NumPy integers are ints too
+        # As given (NumPy integers become ints): an int, or a list or tuple of them.
+        self.axis = int(axis) if isinstance(axis, numbers.Integral) else type(axis)(map(int, axis))
         self.momentum, self.epsilon = float(momentum), float(epsilon)
         self.center, self.scale, self.synchronized = center, scale, synchronized
+        # Kept as Keras keeps them (its configs write them so): a copy of the clipping dict, {}
+        # for None under renorm, and renorm_momentum as given.
+        self.renorm, self.renorm_momentum = renorm, renorm_momentum
+        self.renorm_clipping = dict(renorm_clipping or {}) if renorm or renorm_clipping else renorm_clipping
+        self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         self.process_group = process_group
         self.beta_initializer = initializers.get(beta_initializer, argument="beta_initializer")
         self.gamma_initializer = initializers.get(gamma_initializer, argument="gamma_initializer")
@@ -273,7 +370,13 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self._trainable = trainable
         self._built_shape: tuple | None = None  # fixes the rank: set by build() or the first call
         _register_unbuilt_weights(
-            self, scale=scale, center=center, trainable=trainable, device=self._device, dtype=weight_dtype
+            self,
+            scale=scale,
+            center=center,
+            renorm=renorm,
+            trainable=trainable,
+            device=self._device,
+            dtype=weight_dtype,
         )
 
     @staticmethod
@@ -300,31 +403,49 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             ("beta", self.beta_initializer),
             ("moving_mean", self.moving_mean_initializer),
             ("moving_variance", self.moving_variance_initializer),
+            ("moving_stddev", self._stddev_initializer),
+            ("renorm_mean", self.moving_mean_initializer),
+            ("renorm_stddev", self._stddev_initializer),
         )
-        return {name: initializer for name, initializer in pairs if getattr(self, name) is not None}
+        return {name: initializer for name, initializer in pairs if getattr(self, name, None) is not None}
 
-    def _channel_axis(self, input_shape: tuple) -> int:
-        """``axis`` as a non-negative index into ``input_shape``; ``ValueError`` if out of range."""
+    def _stddev_initializer(self, shape: tuple, dtype: torch.dtype) -> Tensor:
+        """Renorm's standard deviations start as the square root of the moving variance's start (as Keras)."""
+        return torch.as_tensor(self.moving_variance_initializer(shape, dtype=dtype)).sqrt()
+
+    def _channel_axes(self, input_shape: tuple) -> tuple[int, ...]:
+        """``axis`` as sorted non-negative indices into ``input_shape``; ``ValueError`` if out of range,
+        if two name the same axis, or if one is the batch axis that ghost batches split."""
         rank = len(input_shape)
-        if not -rank <= self.axis < rank:
+        given = (self.axis,) if isinstance(self.axis, int) else self.axis
+        if not all(-rank <= a < rank for a in given):
             raise ValueError(
                 f"axis={self.axis} is out of range for inputs of shape {tuple(input_shape)} "
                 f"(rank {rank}): expected {-rank} <= axis < {rank}"
             )
-        return self.axis % rank
+        axes = tuple(sorted(a % rank for a in given))
+        if len(set(axes)) < len(axes):
+            raise ValueError(f"axis={self.axis} names an axis twice for inputs of rank {rank} (axes {axes})")
+        if self.virtual_batch_size is not None and axes[0] == 0:
+            raise ValueError(
+                f"virtual_batch_size splits the batch axis, which must not be normalized: axis={self.axis} "
+                f"is axis 0 of inputs of shape {tuple(input_shape)}"
+            )
+        return axes
 
     def build(self, input_shape) -> None:
-        """Create ``gamma``, ``beta``, ``moving_mean`` and ``moving_variance`` for ``input_shape``.
+        """Create the weights (``gamma``, ``beta``, the moving statistics, ...) for ``input_shape``.
 
-        Fixes the rank and the channel size ``C = input_shape[axis]``. The weights are the
-        uninitialized ones materialized in place, where they are (``device=``, a ``torch.device``
-        context at construction, or a later ``.to()``; default CPU) and in their dtype.
+        Fixes the rank and the weights' shape, the sizes on the channel axes (``(C,)`` for one,
+        ``C = input_shape[axis]``). The weights are the uninitialized ones materialized in place,
+        where they are (``device=``, a ``torch.device`` context at construction, or a later
+        ``.to()``; default CPU) and in their dtype.
         """
         input_shape = tuple(input_shape)
-        channels = input_shape[self._channel_axis(input_shape)]
-        if not isinstance(channels, int) or channels < 0:
+        channels = tuple(input_shape[a] for a in self._channel_axes(input_shape))
+        if not all(isinstance(size, int) and size >= 0 for size in channels):
             raise ValueError(
-                f"the channel dimension must be known to build, received input_shape={input_shape} "
+                f"the channel dimensions must be known to build, received input_shape={input_shape} "
                 f"with axis={self.axis}"
             )
         self._materialize(channels)
@@ -337,11 +458,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         Validates the call first, so that a call that raises builds nothing. A layer never placed
         (no ``device=``, no ``.to(device)``, no device context) builds on its input's device.
         """
-        axis, mask = self._check_call(inputs, training, mask)
+        axes, mask = self._check_call(inputs, training, mask)
         if self._built_shape is None:
             if not self.built:
                 placed = self._device is not None or self.moving_variance.device.type != "cpu"
-                self._materialize(inputs.shape[axis], None if placed else inputs.device)
+                self._materialize(tuple(inputs.shape[a] for a in axes), None if placed else inputs.device)
             self._built_shape = tuple(inputs.shape)
 
     def _retire_lazy_hooks(self) -> None:
@@ -355,11 +476,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             self._load_hook.remove()
             del self._initialize_hook, self._load_hook
 
-    def _materialize(self, channels: int, device: torch.device | None = None) -> None:
+    def _materialize(self, shape: tuple[int, ...], device: torch.device | None = None) -> None:
         if self.built:
             return
         for name in self._weights():
-            getattr(self, name).materialize((channels,), device=device)
+            getattr(self, name).materialize(shape, device=device)
         self.reset_parameters()
 
     @torch.no_grad()
@@ -385,10 +506,11 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         names = list(self._weights())
         saved = {name: state_dict[prefix + name] for name in names if prefix + name in state_dict}
         unbuilt = [name for name, t in saved.items() if is_lazy(t)]
+        rank = 1 if isinstance(self.axis, int) else len(self.axis)  # one dimension per channel axis
         problems = [
-            f"{prefix}{name} has shape {tuple(t.shape)}, expected a vector"
+            f"{prefix}{name} has shape {tuple(t.shape)}, expected {rank} dimension{'s' * (rank > 1)}"
             for name, t in saved.items()
-            if name not in unbuilt and t.dim() != 1
+            if name not in unbuilt and t.dim() != rank
         ]
         if unbuilt and (self.built or len(unbuilt) < len(saved)):
             problems.append(
@@ -397,12 +519,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             )
         if not problems and saved and not unbuilt:
             reference = self.moving_variance if self.built else saved.get("moving_variance", next(iter(saved.values())))
-            expected = reference.shape[0]
+            expected = tuple(reference.shape)
             problems = [
                 f"size mismatch for {prefix}{name}: copying a tensor of shape {tuple(t.shape)} from the "
-                f"checkpoint, the shape in the layer is ({expected},)"
+                f"checkpoint, the shape in the layer is {expected}"
                 for name, t in saved.items()
-                if t.shape[0] != expected
+                if tuple(t.shape) != expected
             ]
         missing = [prefix + name for name in names if name not in saved]
         if problems or (missing and _loading_strictly()):
@@ -439,41 +561,54 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
     # ------------------------------------------------------------------------------------ call
 
-    def _check_call(self, inputs: Tensor, training: Any, mask: Any) -> tuple[int, Tensor | None]:
-        """Validate a call before anything is built or written; return the channel axis and mask."""
+    def _check_call(self, inputs: Tensor, training: Any, mask: Any) -> tuple[tuple[int, ...], Tensor | None]:
+        """Validate a call before anything is built or written; return the channel axes and the mask."""
         _check_training(training)
         if inputs.is_complex():
             raise TypeError(f"inputs must be real, received dtype={inputs.dtype}")
         shape = inputs.shape
         if self._built_shape is not None and len(shape) != len(self._built_shape):
             self._raise_shape_mismatch(inputs)
-        axis = self._channel_axis(shape)
+        axes = self._channel_axes(shape)
         # A rank fixed means built (and asks nothing that torch.compile cannot trace).
-        if (self._built_shape is not None or self.built) and shape[axis] != self.moving_variance.shape[0]:
+        if (self._built_shape is not None or self.built) and any(
+            shape[a] != size for a, size in zip(axes, self.moving_variance.shape)
+        ):
             self._raise_shape_mismatch(inputs)
         if mask is not None:
             if not isinstance(mask, Tensor):
                 mask = torch.as_tensor(mask, device=inputs.device)
-            functional.check_mask(mask, shape, axis)
-        return axis, mask
+            functional.check_mask(mask, shape, axes)
+        ghost = self.virtual_batch_size
+        if ghost is not None and shape[0] % ghost and self._uses_batch_statistics(training):
+            raise ValueError(
+                f"virtual_batch_size={ghost} must divide the batch size of a training call, "
+                f"received inputs of shape {tuple(shape)} (batch size {shape[0]})"
+            )
+        return axes, mask
 
     def _raise_shape_mismatch(self, inputs: Tensor) -> None:
-        channels = self.moving_variance.shape[0]
+        channels = tuple(self.moving_variance.shape)
         built_shape = self._built_shape
         built_for = f"shape {built_shape} (rank {len(built_shape)})" if built_shape is not None else "any rank"
+        sizes = f"{channels[0]} channels" if len(channels) == 1 else f"channel sizes {channels}"
         raise ValueError(
-            f"this layer was built for inputs of {built_for} with {channels} channels on axis "
+            f"this layer was built for inputs of {built_for} with {sizes} on axis "
             f"{self.axis}, received inputs of shape {tuple(inputs.shape)}"
         )
 
+    def _uses_batch_statistics(self, training: bool | None) -> bool:
+        """The mode rule: batch statistics only when ``training`` (``None``: ``self.training``) and ``trainable``."""
+        return (self.training if training is None else training) and self._trainable
+
     def forward(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> Tensor:
         """Normalize ``inputs``; see the class docstring for the formulas and the mode rule."""
-        axis, mask = self._check_call(inputs, training, mask)
+        axes, mask = self._check_call(inputs, training, mask)
         if self._built_shape is None:  # built by load_state_dict, or called without the lazy hook
             self.initialize_parameters(inputs, training, mask)
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
-        if x.shape[axis] == 0:  # no channel: nothing to normalize or update (as Keras)
+        if any(x.shape[a] == 0 for a in axes):  # no channel: nothing to normalize or update (as Keras)
             return x.clone()
         dtype = functional.compute_dtype(x.dtype)
         gamma, beta = self.gamma, self.beta
@@ -487,10 +622,10 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             gamma, beta, moving_mean, moving_variance = (
                 None if t is None else t.to(dtype) for t in (gamma, beta, moving_mean, moving_variance)
             )
-        if training is None:
-            training = self.training
-        if not (training and self._trainable):
-            return functional.normalize_input(x, axis, moving_mean, moving_variance, gamma, beta, self.epsilon)
+        if len(axes) > 1:  # the kernels see one channel dimension, the axes' indices in row-major order
+            gamma, beta, moving_mean, moving_variance = map(_flat, (gamma, beta, moving_mean, moving_variance))
+        if not self._uses_batch_statistics(training):
+            return functional.normalize_input(x, axes, moving_mean, moving_variance, gamma, beta, self.epsilon)
         if torch.jit.is_tracing() and torch.onnx.is_in_onnx_export():
             # The TorchScript-based exporter turns the statistics kernel into ONNX's
             # BatchNormalization with the wrong running statistics: refuse rather than mislead.
@@ -499,39 +634,65 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 "exporter (dynamo=False): export the model in inference mode (model.eval())"
             )
 
-        order = functional.memory_order(x)  # channels_last & co. are read where they lie
-        view = functional.channel_view(x, axis, order)
         inside = None
         if mask is not None:
-            inside = functional.mask_view(mask if mask.device == x.device else mask.to(x.device), x.shape, axis, order)
-        y = self._normalize_training(view, inside, gamma, beta, moving_mean, moving_variance)
-        return functional.from_channel_view(y, x.shape, order)
+            inside = functional.full_mask(mask if mask.device == x.device else mask.to(x.device), x.shape, axes)
+        ghosts, split = 1, x
+        if self.virtual_batch_size is not None and x.shape[0] > 0:
+            ghosts = x.shape[0] // self.virtual_batch_size
+            split, axes, inside = functional.ghost_batches(x, self.virtual_batch_size, axes, inside)
+        order = functional.channel_order(split, axes)  # channels_last & co. are read where they lie
+        view = functional.channel_view(split, axes, order)
+        if inside is not None:
+            inside = functional.channel_view(inside, axes, order)
+        y = self._normalize_training(view, inside, ghosts, gamma, beta, moving_mean, moving_variance)
+        y = functional.from_channel_view(y, split.shape, order)
+        if len(axes) > 1:  # brought together by a copy: the output goes back to the input's layout
+            y = functional.in_layout_of(y, split)
+        return y.reshape(x.shape) if ghosts > 1 else y
 
-    def _normalize_training(self, view, inside, gamma, beta, moving_mean, moving_variance) -> Tensor:
+    def _normalize_training(self, view, inside, ghosts, gamma, beta, moving_mean, moving_variance) -> Tensor:
         """The training call on a channel view: which statistics, the fallback, the update (the policy).
 
         Synchronized layers take the global batch's statistics and sum the backward's over the
-        group; every rank joins, one with an empty shard too. A batch with no element (empty, or
-        all masked out) has no statistics: the moving ones stand in and nothing is updated.
+        group; every rank joins, one with an empty shard too (ghost batches stay each process's
+        own). A batch with no element (empty, or all masked out) has no statistics: the moving
+        ones stand in and nothing is updated. In ghost batches (``ghosts`` of them, each its own
+        channels of ``view``), the update and renorm's correction take the ghosts' mean statistics.
         """
         all_reduce = None
-        if self.synchronized and distributed.is_synchronizing(self.process_group):
+        if self.synchronized and self.virtual_batch_size is None and distributed.is_synchronizing(self.process_group):
             statistics = distributed.batch_statistics(view, inside, self.process_group, key=self)
             all_reduce = distributed.summing(self.process_group)
         else:
             statistics = functional.batch_statistics(view, inside)
-        if isinstance(statistics.count, int):  # known on the host
-            if statistics.count == 0:
-                return functional.normalize(view, moving_mean, moving_variance, gamma, beta, self.epsilon)
-            used = statistics
-        else:  # decided on the device: no synchronization
+        if isinstance(statistics.count, int) and statistics.count == 0:  # known on the host
+            fallback = _over_ghosts(ghosts, moving_mean, moving_variance, gamma, beta)
+            return functional.normalize(view, *fallback, self.epsilon)
+        update = statistics if ghosts == 1 else functional.mean_over_ghosts(statistics, ghosts)
+        if not isinstance(statistics.count, int):  # decided on the device: no synchronization
             has_elements = statistics.count > 0
-            used = statistics._replace(
-                mean=torch.where(has_elements, statistics.mean, moving_mean),
-                var=torch.where(has_elements, statistics.var, moving_variance),
+            fallback_mean, fallback_variance = _over_ghosts(ghosts, moving_mean, moving_variance)
+            statistics = statistics._replace(
+                mean=torch.where(has_elements, statistics.mean, fallback_mean),
+                var=torch.where(has_elements, statistics.var, fallback_variance),
             )
-        y = functional.normalize_by_batch(view, used, gamma, beta, self.epsilon, inside, all_reduce)
-        functional.update_moving_statistics(self.moving_mean, self.moving_variance, statistics, self.momentum)
+        if self.renorm:
+            renorm_mean, renorm_stddev = _flat(self.renorm_mean), _flat(self.renorm_stddev)
+            gamma, beta = functional.renorm_affine(
+                update, gamma, beta, renorm_mean, renorm_stddev, self.epsilon, self.renorm_clipping
+            )
+        gamma, beta = _over_ghosts(ghosts, gamma, beta)
+        y = functional.normalize_by_batch(view, statistics, gamma, beta, self.epsilon, inside, all_reduce)
+        if self.renorm:
+            buffers = (self.moving_mean, self.moving_variance, *(getattr(self, name) for name in _RENORM_BUFFERS))
+            functional.update_renorm_statistics(
+                *map(_flat, buffers), update, self.momentum, self.renorm_momentum, self.epsilon
+            )
+        else:
+            functional.update_moving_statistics(
+                _flat(self.moving_mean), _flat(self.moving_variance), update, self.momentum
+            )
         return y
 
     # -------------------------------------------------------------- regularizers, constraints
@@ -556,8 +717,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     # -------------------------------------------------------------------------- configuration
 
     def get_config(self) -> dict[str, Any]:
-        """Keras 3's configuration dict for this layer (JSON-serializable, loadable by Keras)."""
-        return {
+        """Keras 3's configuration dict for this layer (JSON-serializable, loadable by Keras).
+
+        A list or tuple ``axis`` is written as a list and ``virtual_batch_size`` when set, as
+        tf-keras writes them (Keras 3 loads neither).
+        """
+        config = {
             "name": self.name,
             "trainable": self._trainable,
             "dtype": {
@@ -580,8 +745,15 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             "beta_constraint": constraints.serialize(self.beta_constraint),
             "gamma_constraint": constraints.serialize(self.gamma_constraint),
             "synchronized": self.synchronized,
-            **_RENORM_DEFAULTS,
+            "renorm": self.renorm,
+            "renorm_clipping": self.renorm_clipping,
+            "renorm_momentum": self.renorm_momentum,
         }
+        if isinstance(self.axis, (list, tuple)):
+            config["axis"] = list(self.axis)
+        if self.virtual_batch_size is not None:  # written only when set, as tf-keras
+            config["virtual_batch_size"] = self.virtual_batch_size
+        return config
 
     def _policy_name(self) -> str:
         """The dtype policy given, unless ``.to()``/``.double()``/... moved the weights to another dtype."""
@@ -602,9 +774,10 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 raise ValueError(f"expected a BatchNormalization config, received class_name={config['class_name']!r}")
             config = config["config"]
         config = dict(config)
-        renorm = {key: config.pop(key, default) for key, default in _RENORM_DEFAULTS.items()}
-        if renorm["renorm"]:
-            raise ValueError("renorm=True (batch renormalization) is not implemented, received renorm=True")
+        # tf-keras's implementation choices: `fused` changes nothing here, `adjustment` only if None.
+        config.pop("fused", None)
+        if config.pop("adjustment", None) is not None:
+            raise ValueError("adjustment (a tf-keras callable) is not supported: only adjustment=None loads")
         if config.pop("activity_regularizer", None) is not None:
             raise ValueError("activity_regularizer is not supported by batchnorm.BatchNormalization")
         unknown = sorted(set(config) - _CONFIG_KEYS)
@@ -631,4 +804,8 @@ _CONFIG_KEYS = {
     "beta_constraint",
     "gamma_constraint",
     "synchronized",
+    "renorm",
+    "renorm_clipping",
+    "renorm_momentum",
+    "virtual_batch_size",
 }
