@@ -206,7 +206,9 @@ def test_ghost_size_one_gives_beta_and_moves_the_variance_toward_zero():
     before = snapshot(bn)
     x = random_input(shape, seed=11)
     y = bn(x, training=True)
-    assert_near(y, bn.beta.detach().expand(shape), 1e-6, "output")
+    # float32 rounding of x - mean, times |gamma| / sqrt(epsilon): the atol of test_reference's
+    # one-element-per-channel test.
+    torch.testing.assert_close(y.detach(), bn.beta.detach().expand(shape), rtol=0, atol=1e-4)
     assert_near(bn.moving_variance, 0.8 * before["moving_variance"], 1e-6, "moving_variance")
     assert_near(bn.moving_mean, 0.8 * before["moving_mean"] + 0.2 * x.double().mean(0), 1e-6, "moving_mean")
 
@@ -230,7 +232,18 @@ def test_ghost_fully_masked_out_uses_moving_statistics_and_is_left_out_of_the_up
     assert_near(y[1::ghosts], frozen(x[1::ghosts], training=False), 1e-5, "empty ghost")
     # The update is the mean over the three other ghosts only.
     means = torch.stack([batch_moments(x[j::ghosts], axis, mask[j::ghosts])[0] for j in (0, 2, 3)])
-    assert_near(expected["moving_mean"], 0.8 * before["moving_mean"] + 0.2 * means.mean(0), 1e-9)
+    assert_near(expected["moving_mean"], 0.8 * before["moving_mean"].double() + 0.2 * means.mean(0), 1e-9)
+
+
+@pytest.mark.parametrize("renorm", [False, True])
+def test_float64_ghost_batches_with_a_mask_keep_float64_accuracy(renorm):
+    # Three ghosts, each with elements: the mean over them is a float64 division by 3.
+    shape = (6, 3, 4)
+    bn = make_layer(shape, 1, virtual_batch_size=2, renorm=renorm, dtype=torch.float64, seed=27)
+    x = random_input(shape, torch.float64, seed=27)
+    mask = random_mask((6, 4), seed=27)
+    mask[:, 0] = True
+    check_training_call(bn, x, mask, rtol=UNIT[torch.float64], seed=27)
 
 
 def test_ghost_batches_in_inference_take_any_batch_size_and_write_nothing():
@@ -271,7 +284,11 @@ def test_several_axes_match_reference(shape, axis, dtype, masked, renorm):
         assert tuple(getattr(bn, name).shape) == pshape, name
     x = random_input(shape, dtype, seed=14)
     mask = random_mask(mask_shape(shape, axis), seed=14) if masked else None
-    check_training_call(bn, x, mask, rtol=UNIT[dtype], seed=14)
+    # Every axis a channel axis: one element per channel, dx = gamma / sqrt(eps) * (dy - dy) = 0
+    # exactly, and float32 rounds each term (|gamma| / sqrt(eps) * |dy|, about 60) to 1e-7 of it.
+    single = len(parameter_shape(shape, axis)) == len(shape)
+    dx_atol = 60 * 2 * torch.finfo(dtype).eps if single else 0.0
+    check_training_call(bn, x, mask, rtol=UNIT[dtype], seed=14, dx_atol=dx_atol)
 
 
 @pytest.mark.parametrize("broadcast", [(0,), (1,), (0, 1)])
@@ -302,6 +319,25 @@ def test_axis_is_kept_as_given_and_configured_as_a_list(axis, expected):
     again = BatchNormalization.from_config(bn.get_config())
     again.build((2, 3, 4, 5))
     assert again.moving_mean.shape == bn.moving_mean.shape
+
+
+def test_mode_configs_round_trip():
+    plain = BatchNormalization().get_config()
+    assert "virtual_batch_size" not in plain  # written only when set, as tf-keras
+    assert (plain["renorm"], plain["renorm_clipping"], plain["renorm_momentum"]) == (False, None, 0.99)
+    kwargs = dict(axis=(1, 3), renorm=True, renorm_clipping={"rmax": 2.0}, renorm_momentum=0.5, virtual_batch_size=2)
+    config = BatchNormalization(**kwargs).get_config()
+    assert config["axis"] == [1, 3] and config["virtual_batch_size"] == 2
+    assert (config["renorm"], config["renorm_clipping"], config["renorm_momentum"]) == (True, {"rmax": 2.0}, 0.5)
+    again = BatchNormalization.from_config(config)
+    assert again.get_config() == config | {"name": again.name}
+    source = make_layer((4, 3, 5, 2), kwargs.pop("axis"), seed=28, **kwargs)
+    again = BatchNormalization.from_config(source.get_config())
+    again.load_state_dict(source.state_dict())
+    x = random_input((4, 3, 5, 2), seed=28)
+    assert torch.equal(again(x, training=True), source(x, training=True))
+    for key, value in source.state_dict().items():
+        assert torch.equal(again.state_dict()[key], value), key
 
 
 @pytest.mark.parametrize("renorm", [False, True])
@@ -345,13 +381,15 @@ def test_outputs_and_gradients_keep_the_memory_format(shape, axis, virtual_batch
 
 
 ADJACENT = [
-    # (shape, axes, memory format or None): the channel axes are adjacent in memory.
+    # (shape, axes, memory format or None): the channel axes are adjacent in memory, in increasing
+    # order (the flattened channel index is row-major over the sorted axes, as the weights are).
+    # Not here: channels_last with axes (1, 3), adjacent in memory as (W, C), i.e. in decreasing
+    # order: the core gathers them by a copy (functional.channel_order's docstring).
     ((4, 3, 5, 2), (1, 2), None),
     ((4, 3, 5, 2), (2, 3), None),
     ((4, 3, 5, 2), (1, 2, 3), None),
     ((4, 3, 5, 2), 2, None),
     ((4, 3, 5, 2), (2, 3), torch.channels_last),
-    ((4, 3, 5, 2), (3, 1), torch.channels_last),
     ((4, 3, 5, 2), 1, torch.channels_last),
     ((4, 3, 2, 3, 2), (3, 4), torch.channels_last_3d),
 ]
@@ -362,6 +400,7 @@ def test_channel_view_of_adjacent_axes_is_a_view(shape, axes, memory_format):
     x = torch.randn(shape)
     if memory_format is not None:
         x = x.to(memory_format=memory_format)
+    # As the layer calls them: the channel axes non-negative and sorted.
     order = functional.channel_order(x, axes)
     view = functional.channel_view(x, axes, order)
     assert view.data_ptr() == x.data_ptr()
@@ -588,7 +627,7 @@ def _case_mask(case):
     return torch.rand(case["mask"], generator=g) < case["density"]
 
 
-@settings(max_examples=120, **SETTINGS)
+@settings(max_examples=100, **SETTINGS)
 @given(case=mode_cases())
 def test_property_training_then_inference_match_reference(case):
     bn = _case_layer(case)
@@ -602,7 +641,7 @@ def test_property_training_then_inference_match_reference(case):
     assert_state_equal(before, bn)
 
 
-@settings(max_examples=60, **SETTINGS)
+@settings(max_examples=50, **SETTINGS)
 @given(case=mode_cases())
 def test_property_gradients_match_reference(case):
     case = dict(case, dtype=torch.float64)

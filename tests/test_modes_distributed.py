@@ -144,10 +144,10 @@ def _worker(sync_sizes, ghost_sizes) -> int:
 
 
 def test_synchronized_renorm_and_local_ghosts_over_two_processes():
-    results = run_local_group(_worker, 2, [3, 6], [4, 2], timeout_s=TIMEOUT_S, deadline_s=DEADLINE_S)
+    results = run_local_group(_worker, 2, [3, 6], [4, 6], timeout_s=TIMEOUT_S, deadline_s=DEADLINE_S)
     assert results == [len(SYNC_CASES) + len(GHOST_CASES)] * 2
 
 
 def test_synchronized_renorm_and_local_ghosts_over_three_processes_one_empty():
-    results = run_local_group(_worker, 3, [2, 0, 5], [2, 6, 4], timeout_s=TIMEOUT_S, deadline_s=DEADLINE_S)
+    results = run_local_group(_worker, 3, [2, 0, 5], [4, 8, 6], timeout_s=TIMEOUT_S, deadline_s=DEADLINE_S)
     assert results == [len(SYNC_CASES) + len(GHOST_CASES)] * 3

@@ -157,7 +157,9 @@ def test_ghost_size_not_dividing_the_batch_on_an_unbuilt_layer_builds_nothing():
 
 @pytest.mark.parametrize("axis", [[], ()])
 def test_empty_axis_list(axis):
-    with pytest.raises(ValueError, match=rf"axis.*{re.escape(repr(axis))}"):
+    # Not settled by the SPEC: ValueError (a bad value of the right type) or TypeError (not "an int
+    # or a non-empty list/tuple of ints", the core's choice). Either, naming the argument and value.
+    with pytest.raises((TypeError, ValueError), match=rf"axis.*{re.escape(repr(axis))}"):
         BatchNormalization(axis=axis)
 
 
@@ -237,7 +239,7 @@ def test_several_axes_call_with_other_sizes_after_build(received):
         ("virtual_batch_size", 0, ValueError),
         ("virtual_batch_size", 2.5, TypeError),
         ("axis", [1, 1], ValueError),
-        ("axis", [], ValueError),
+        ("axis", [], (TypeError, ValueError)),
     ],
 )
 def test_from_config_bad_mode_values_raise_the_constructor_errors(key, value, error):
