@@ -26,7 +26,7 @@ from modes_support import (
     random_mask,
     reference_call,
 )
-from reference import batch_moments, channel_axes, inference, mode_training_step, parameter_shape
+from reference import batch_moments, channel_axes, full_mask, inference, mode_training_step, parameter_shape
 from state import assert_state_equal, assert_unbuilt, snapshot
 
 from batchnorm import BatchNormalization, functional, initializers
@@ -157,6 +157,32 @@ def test_renorm_without_elements_writes_nothing_and_uses_moving_statistics(how, 
     assert_near(y, inference_of(bn, x.detach()), 1e-5, "output")
     (y**2).sum().backward()
     assert bool(x.grad.isfinite().all()) and bool(bn.gamma.grad.isfinite().all())
+
+
+@pytest.mark.parametrize("axis,virtual_batch_size", [(1, None), (1, 2), ((1, 2), None), ((1, 3), 2), ([-1, 1], None)])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_masked_out_non_finite_values_reach_no_sum_in_any_mode(axis, virtual_batch_size, value):
+    # SPEC 4: whatever a masked-out position holds, the statistics, the masked-in outputs and every
+    # gradient of a loss on masked-in outputs stay finite and equal to those of clean data.
+    shape = (4, 3, 5, 2)
+    msk = mask_shape(shape, axis)
+    mask = torch.ones(msk, dtype=torch.bool)
+    mask[(0,) * len(msk)] = False
+    inside = full_mask(torch.zeros(shape), channel_axes(4, axis), mask)
+    results = []
+    for dirty in (False, True):
+        bn = make_layer(shape, axis, renorm=True, virtual_batch_size=virtual_batch_size, seed=29)
+        x = random_input(shape, seed=29)
+        if dirty:
+            x[~inside] = value
+        x.requires_grad_()
+        y = bn(x, training=True, mask=mask)
+        upstream = torch.randn(shape, generator=torch.Generator().manual_seed(30))
+        torch.where(inside, y * upstream, 0).sum().backward()
+        results.append((y[inside], x.grad, bn.gamma.grad, bn.beta.grad, *(getattr(bn, n) for n in buffer_names(bn))))
+    for clean, dirty in zip(*results):
+        assert bool(dirty.isfinite().all())
+        assert_near(dirty, clean, 1e-5)
 
 
 # ---------------------------------------------------------------------------- ghost batches
