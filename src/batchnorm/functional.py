@@ -124,9 +124,9 @@ def channel_view(x: Tensor, axis: Axes, order: tuple[int, ...] | None = None) ->
     axes = _as_axes(axis)
     if order is not None:
         x = x.permute(order)
-        axes = tuple(order.index(a) for a in axes)
+        axes = tuple(map(order.index, axes))
     start, stop = axes[0], axes[0] + len(axes)
-    if axes != tuple(range(start, stop)):
+    if len(axes) > 1 and axes != tuple(range(start, stop)):
         raise ValueError(f"the channel axes {_as_axes(axis)} are not together in the order {order}: see channel_order")
     shape = x.shape
     channels = math.prod(shape[start:stop])
@@ -179,9 +179,10 @@ def full_mask(mask: Tensor, shape: torch.Size, axis: Axes) -> Tensor:
     """
     inside = mask if mask.dtype == torch.bool else mask != 0
     axes = _as_axes(axis)
+    full = list(shape)
     for a in axes:  # sorted: each lands where it belongs
         inside = inside.unsqueeze(a)
-    full = [1 if d in axes else size for d, size in enumerate(shape)]
+        full[a] = 1
     return inside if list(inside.shape) == full else inside.expand(full)
 
 

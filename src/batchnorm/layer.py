@@ -5,7 +5,7 @@ from __future__ import annotations
 import itertools
 import numbers
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -257,6 +257,16 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
     A ``mask`` (the input's shape without ``axis``, size-1 dimensions broadcast, non-zero = True)
     restricts the batch statistics to the masked-in positions; every position is still normalized.
 
+    Batch renormalization (``renorm=True``, as Keras 3.15): with :math:`s = \sqrt{\sigma^2 +
+    \epsilon}` and the renorm statistics before this call's update,
+    :math:`r = \operatorname{clip}(s / \max(\text{renorm\_stddev}, \sqrt\epsilon))` and
+    :math:`d = \operatorname{clip}((\mu - \text{renorm\_mean}) / \max(\ldots))`, constants for
+    the gradients, give :math:`y = ((x - \mu) / s \cdot r + d)\,\gamma + \beta`; five buffers
+    move per call (``docs/behaviour.md`` section 12). Ghost batches (``virtual_batch_size``, as
+    tf-keras) normalize strided sub-batches with their own statistics and update the moving ones
+    once per call from their means. Several channel axes (``axis=(1, 3)``) give weights shaped
+    ``(input_shape[1], input_shape[3])``.
+
     Beyond Keras, deliberately: the variance is computed stably (never ``E[x^2] - E[x]^2``); a
     training call with no element to take statistics from (empty batch, all-False mask) normalizes
     with the moving statistics and leaves them untouched; a channel whose batch statistics are not
@@ -265,7 +275,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
     Args:
         axis: the channel axis (negative counts from the end). Keras's default, ``-1``, is
-            channels-last; use ``1`` for PyTorch's ``(N, C, ...)`` layout.
+            channels-last; use ``1`` for PyTorch's ``(N, C, ...)`` layout. A list or tuple of
+            distinct axes normalizes per index tuple on all of them (tf-keras).
         momentum: fraction of the old moving value kept at each update (Keras convention: torch's
             ``BatchNorm*d(momentum=m)`` corresponds to ``1 - m``). ``0 <= momentum <= 1``.
         epsilon: added to the variance before the square root; ``> 0``.
@@ -277,9 +288,15 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             :mod:`batchnorm.regularizers` (penalties in :attr:`losses`).
         beta_constraint, gamma_constraint: ``None`` or as above from :mod:`batchnorm.constraints`
             (applied by :meth:`apply_constraints`).
+        renorm: batch renormalization (adds ``moving_stddev``, ``renorm_mean``, ``renorm_stddev``).
+        renorm_clipping: ``None`` or a dict of bounds ``rmax``, ``rmin`` (for ``r``) and ``dmax``
+            (for ``|d|``); absent bounds clip nothing. ``rmax >= rmin``, ``dmax >= 0``.
+        renorm_momentum: as ``momentum``, for ``renorm_mean`` and ``renorm_stddev``.
         synchronized: use the statistics of the whole ``torch.distributed`` group in training
             (see :mod:`batchnorm.distributed`); local statistics when ``torch.distributed`` is
             not initialized or the group has one process.
+        virtual_batch_size: ``None`` or the size of the ghost batches, which must divide the
+            batch size of every training call; ``axis`` must not include the batch axis 0.
         name: Keras's layer name (unique default ``batch_normalization[_N]``).
         trainable: see above.
         dtype: dtype of the weights and moving statistics: a floating ``torch.dtype``, a Keras
@@ -303,7 +320,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
 
     def __init__(
         self,
-        axis: int = -1,
+        axis: int | Sequence[int] = -1,
         momentum: float = 0.99,
         epsilon: float = 1e-3,
         center: bool = True,
@@ -423,7 +440,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 f"axis={self.axis} is out of range for inputs of shape {tuple(input_shape)} "
                 f"(rank {rank}): expected {-rank} <= axis < {rank}"
             )
-        axes = tuple(sorted(a % rank for a in given))
+        axes = (given[0] % rank,) if len(given) == 1 else tuple(sorted(a % rank for a in given))
         if len(set(axes)) < len(axes):
             raise ValueError(f"axis={self.axis} names an axis twice for inputs of rank {rank} (axes {axes})")
         if self.virtual_batch_size is not None and axes[0] == 0:
@@ -571,8 +588,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             self._raise_shape_mismatch(inputs)
         axes = self._channel_axes(shape)
         # A rank fixed means built (and asks nothing that torch.compile cannot trace).
-        if (self._built_shape is not None or self.built) and any(
-            shape[a] != size for a, size in zip(axes, self.moving_variance.shape)
+        if (self._built_shape is not None or self.built) and [shape[a] for a in axes] != list(
+            self.moving_variance.shape
         ):
             self._raise_shape_mismatch(inputs)
         if mask is not None:
@@ -608,7 +625,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             self.initialize_parameters(inputs, training, mask)
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
-        if any(x.shape[a] == 0 for a in axes):  # no channel: nothing to normalize or update (as Keras)
+        if 0 in self.moving_variance.shape:  # no channel: nothing to normalize or update (as Keras)
             return x.clone()
         dtype = functional.compute_dtype(x.dtype)
         gamma, beta = self.gamma, self.beta
