@@ -9,9 +9,6 @@ and no collective runs.
 
 from __future__ import annotations
 
-from collections import Counter
-from contextlib import contextmanager
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -23,6 +20,7 @@ from modes_support import (
     random_mask,
     reference_call,
 )
+from test_distributed import _counting_collectives
 
 from batchnorm.testing import run_local_group
 
@@ -85,28 +83,6 @@ def _check_synchronized_renorm(axis, masked, clipping, sizes) -> None:
     for name in buffer_names(synchronized):
         assert_near(getattr(synchronized, name), getattr(whole, name), 1e-5, f"{name} ({where})")
         assert_near(getattr(synchronized, name), buffers_ref[name], 1e-5, f"{name} vs reference ({where})")
-
-
-@contextmanager
-def _counting_collectives():
-    names = ("all_reduce", "all_gather", "all_gather_single", "all_gather_into_tensor", "broadcast", "reduce_scatter")
-    counts: Counter[str] = Counter()
-    originals = {name: getattr(dist, name) for name in names if hasattr(dist, name)}
-
-    def counting(name):
-        def call(*args, **kwargs):
-            counts[name] += 1
-            return originals[name](*args, **kwargs)
-
-        return call
-
-    for name in originals:
-        setattr(dist, name, counting(name))
-    try:
-        yield counts
-    finally:
-        for name, original in originals.items():
-            setattr(dist, name, original)
 
 
 def _check_local_ghosts(axis, masked, renorm, sizes) -> None:
