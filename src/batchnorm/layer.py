@@ -95,8 +95,10 @@ def _check_arguments(
 def _check_axis(axis: Any) -> None:
     """An int, or a non-empty list or tuple of distinct ints (several channel axes, as tf-keras)."""
     if isinstance(axis, (list, tuple)):
-        if not axis or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axis):
+        if any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axis):
             raise TypeError(f"axis must be an int or a non-empty list/tuple of ints, received axis={axis!r}")
+        if not axis:
+            raise ValueError(f"axis must name at least one axis, received axis={axis!r}")
         if len(set(axis)) < len(axis):
             raise ValueError(f"axis must not name an axis twice, received axis={axis!r}")
         return
@@ -440,7 +442,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 f"axis={self.axis} is out of range for inputs of shape {tuple(input_shape)} "
                 f"(rank {rank}): expected {-rank} <= axis < {rank}"
             )
-        axes = tuple(sorted(a % rank for a in given))
+        axes = (given[0] % rank,) if len(given) == 1 else tuple(sorted(a % rank for a in given))
         if len(set(axes)) < len(axes):
             raise ValueError(f"axis={self.axis} names an axis twice for inputs of rank {rank} (axes {axes})")
         if self.virtual_batch_size is not None and axes[0] == 0:
@@ -544,9 +546,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 if tuple(t.shape) != expected
             ]
         missing = [prefix + name for name in names if name not in saved]
-        if problems or (missing and _loading_strictly()):
+        # Keys of this layer that it does not have (e.g. renorm's from a renorm=True layer)
+        unexpected = [key for key in state_dict if key.startswith(prefix) and key[len(prefix) :] not in names]
+        if problems or ((missing or unexpected) and _loading_strictly()):
             error_msgs.extend(problems)
             missing_keys.extend(missing)
+            unexpected_keys.extend(unexpected)
             return
         if unbuilt:  # nothing to copy: both are unbuilt
             missing_keys.extend(missing)
@@ -588,8 +593,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             self._raise_shape_mismatch(inputs)
         axes = self._channel_axes(shape)
         # A rank fixed means built (and asks nothing that torch.compile cannot trace).
-        if (self._built_shape is not None or self.built) and any(
-            shape[a] != size for a, size in zip(axes, self.moving_variance.shape)
+        if (self._built_shape is not None or self.built) and [shape[a] for a in axes] != list(
+            self.moving_variance.shape
         ):
             self._raise_shape_mismatch(inputs)
         if mask is not None:
@@ -625,7 +630,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             self.initialize_parameters(inputs, training, mask)
 
         x = inputs if inputs.is_floating_point() else inputs.to(self.weight_dtype)
-        if any(x.shape[a] == 0 for a in axes):  # no channel: nothing to normalize or update (as Keras)
+        if 0 in self.moving_variance.shape:  # no channel: nothing to normalize or update (as Keras)
             return x.clone()
         dtype = functional.compute_dtype(x.dtype)
         gamma, beta = self.gamma, self.beta
@@ -666,7 +671,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         y = functional.from_channel_view(y, split.shape, order)
         if len(axes) > 1:  # brought together by a copy: the output goes back to the input's layout
             y = functional.in_layout_of(y, split)
-        return y.reshape(x.shape) if ghosts > 1 else y
+        return y if split is x else y.reshape(x.shape)
 
     def _normalize_training(self, view, inside, ghosts, gamma, beta, moving_mean, moving_variance) -> Tensor:
         """The training call on a channel view: which statistics, the fallback, the update (the policy).
@@ -688,18 +693,14 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             return functional.normalize(view, *fallback, self.epsilon)
         update = statistics if ghosts == 1 else functional.mean_over_ghosts(statistics, ghosts)
         if not isinstance(statistics.count, int):  # decided on the device: no synchronization
-            has_elements = statistics.count > 0
-            fallback_mean, fallback_variance = _over_ghosts(ghosts, moving_mean, moving_variance)
-            statistics = statistics._replace(
-                mean=torch.where(has_elements, statistics.mean, fallback_mean),
-                var=torch.where(has_elements, statistics.var, fallback_variance),
+            statistics = functional.fill_empty(statistics, *_over_ghosts(ghosts, moving_mean, moving_variance))
+        if self.renorm:  # r and d from the update's statistics; none where a ghost batch is empty
+            r, d = functional.renorm_correction(
+                update, _flat(self.renorm_mean), _flat(self.renorm_stddev), self.epsilon, self.renorm_clipping
             )
-        if self.renorm:
-            renorm_mean, renorm_stddev = _flat(self.renorm_mean), _flat(self.renorm_stddev)
-            gamma, beta = functional.renorm_affine(
-                update, gamma, beta, renorm_mean, renorm_stddev, self.epsilon, self.renorm_clipping
-            )
-        gamma, beta = _over_ghosts(ghosts, gamma, beta)
+            gamma, beta = functional.renorm_affine(*_over_ghosts(ghosts, r, d, gamma, beta), statistics.valid)
+        else:
+            gamma, beta = _over_ghosts(ghosts, gamma, beta)
         y = functional.normalize_by_batch(view, statistics, gamma, beta, self.epsilon, inside, all_reduce)
         if self.renorm:
             buffers = (self.moving_mean, self.moving_variance, *(getattr(self, name) for name in _RENORM_BUFFERS))
