@@ -537,17 +537,22 @@ def _input_dtype(variant: str) -> tuple[torch.dtype, float, float]:
     return torch.float32, RTOL, ATOL
 
 
-@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
-def test_config_equals_keras(variant):
-    k_layer, o_layer = config_pair(variant)
+def assert_config_equals_keras(k_layer, o_layer, shape=CONFIG_SHAPE) -> tuple[dict, dict]:
+    """Our config equals Keras's, is JSON, and building (with ``shape``) changes neither; returns both."""
     ours, theirs = o_layer.get_config(), k_layer.get_config()
     assert_configs_match(ours, theirs)
     assert json.loads(json.dumps(ours)) == ours
     # Building does not change it (Keras 3 keeps axis as given).
-    k_layer.build(CONFIG_SHAPE)
-    o_layer.build(CONFIG_SHAPE)
+    k_layer.build(shape)
+    o_layer.build(shape)
     assert o_layer.get_config() == ours
     assert_configs_match(o_layer.get_config(), k_layer.get_config())
+    return ours, theirs
+
+
+@pytest.mark.parametrize("variant", CONFIG_VARIANTS)
+def test_config_equals_keras(variant):
+    assert_config_equals_keras(*config_pair(variant))
 
 
 @pytest.mark.parametrize("variant", CONFIG_VARIANTS)

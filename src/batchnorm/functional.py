@@ -47,12 +47,14 @@ __all__ = [
     "ghost_batches",
     "Statistics",
     "batch_statistics",
+    "fill_empty",
     "mean_over_ghosts",
     "combine_statistics",
     "valid_statistics",
     "normalize",
     "normalize_input",
     "normalize_by_batch",
+    "renorm_correction",
     "renorm_affine",
     "update_moving_statistics",
     "update_renorm_statistics",
@@ -149,9 +151,12 @@ def in_layout_of(y: Tensor, x: Tensor) -> Tensor:
 
     For the output of channel axes that :func:`channel_order` brought together by a copy.
     """
-    if y.stride() == x.stride() or (memory_order(x) is None and not x.is_contiguous()):
-        return y  # the same layout, or x has none to keep (not dense)
-    return torch.empty_like(x, dtype=y.dtype).copy_(y)
+    if y.stride() == x.stride():
+        return y
+    order = memory_order(x)
+    if order is None:  # contiguous, or not dense (no layout to keep)
+        return y.contiguous() if x.is_contiguous() else y
+    return y.permute(order).contiguous().permute(_inverse(order))
 
 
 def check_mask(mask: Tensor, shape: torch.Size, axis: Axes) -> None:
@@ -339,6 +344,29 @@ def _differentiable_statistics(view: Tensor, mask: Tensor | None) -> Statistics:
     return Statistics(mean, var, count, valid_statistics(mean, var, count))
 
 
+def fill_empty(statistics: Statistics, mean: Tensor, var: Tensor) -> Statistics:
+    """``statistics`` (with a tensor ``count``) with ``mean``/``var`` in place of the statistics of
+    the channels that have no element: a ``where`` on the device, no synchronization."""
+    has_elements = statistics.count > 0
+    filled = _saved_for_backward(
+        torch.where(has_elements, statistics.mean, mean), torch.where(has_elements, statistics.var, var)
+    )
+    return statistics._replace(mean=filled[0], var=filled[1])
+
+
+def _saved_for_backward(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors``, which the backward reads and which come from buffers that the call updates in place.
+
+    Under ``torch.compile`` (torch 2.13), AOTAutograd may recompute such a value in the backward
+    from the buffer instead of saving it, and then reads the *updated* buffer: silently wrong
+    gradients (pytorch/pytorch#197039). It never recomputes a ``cat``: made by one, the values
+    are saved. Eager autograd saves them anyway.
+    """
+    if not torch.compiler.is_compiling():
+        return tensors
+    return torch.cat(tensors).split([t.numel() for t in tensors])
+
+
 def mean_over_ghosts(statistics: Statistics, ghosts: int) -> Statistics:
     """The statistics that update the moving ones after a call in ghost batches (as tf-keras).
 
@@ -355,7 +383,7 @@ def mean_over_ghosts(statistics: Statistics, ghosts: int) -> Statistics:
     if not isinstance(count, Tensor):  # every ghost batch has `count` elements
         return Statistics(mean.mean(0), var.mean(0), count * ghosts, valid if valid is True else valid.all(0))
     has_elements = (count > 0).expand(statistics.mean.shape).view(ghosts, -1)
-    shares = has_elements / has_elements.sum(0).clamp(min=1)
+    shares = has_elements.to(mean.dtype) / has_elements.sum(0).clamp(min=1)
     valid = (valid | ~has_elements).all(0) & has_elements.any(0)
     totals = count.expand(statistics.mean.shape).view(ghosts, -1).sum(0)
     # Empty ghost batches have zero statistics: weighing nothing, they add nothing.
@@ -520,39 +548,47 @@ def _statistics_backward(grad_y, view, mask, gamma, mean, var, count, epsilon: f
 # ----------------------------------------------------------------------------------- updates
 
 
-def renorm_affine(
+def renorm_correction(
     statistics: Statistics,
-    gamma: Tensor | None,
-    beta: Tensor | None,
     renorm_mean: Tensor,
     renorm_stddev: Tensor,
     epsilon: float,
     clipping: dict[str, float | None],
 ) -> tuple[Tensor, Tensor]:
-    """The scale and offset that batch renormalization (Ioffe, 2017) puts in place of ``gamma``/``beta``.
+    """Batch renormalization's ``r`` and ``d`` (Ioffe, 2017), as Keras 3.15 computes them.
 
-    As Keras 3.15, from the batch statistics and the renorm statistics before this call's update::
+    From the batch statistics and the renorm statistics before this call's update::
 
         s = sqrt(var + epsilon)         sd = max(renorm_stddev, sqrt(epsilon))
         r = clip(s / sd, rmin, rmax)    d = clip((mean - renorm_mean) / sd, -dmax, dmax)
 
-    (a bound absent from ``clipping``, or ``None``, clips nothing), and ``r``/``d`` are constants for the
-    gradients. Normalizing with the returned ``(r * gamma, d * gamma + beta)`` gives
-    ``((x - mean) / s * r + d) * gamma + beta`` (``gamma``/``beta`` absent: 1/0). A channel that
-    is not ``statistics.valid`` (no element: the caller normalizes it with other constants) gets
-    ``r = 1``, ``d = 0``.
+    A bound absent from ``clipping``, or ``None``, clips nothing. Constants for the gradients.
     """
     mean, var = statistics.mean.detach(), statistics.var.detach()
     safe_stddev = renorm_stddev.to(mean.dtype).clamp(min=math.sqrt(epsilon))
-    r = torch.sqrt(var + epsilon).div_(safe_stddev)
-    d = (mean - renorm_mean.to(mean.dtype)).div_(safe_stddev)
+    r = torch.sqrt(var + epsilon) / safe_stddev
+    d = (mean - renorm_mean.to(mean.dtype)) / safe_stddev
     rmin, rmax, dmax = (clipping.get(key) for key in ("rmin", "rmax", "dmax"))
     if rmin is not None or rmax is not None:
         r = r.clamp(rmin, rmax)
     if dmax is not None:
         d = d.clamp(-dmax, dmax)
-    if statistics.valid is not True:
-        r, d = torch.where(statistics.valid, r, 1.0), torch.where(statistics.valid, d, 0.0)
+    return r, d
+
+
+def renorm_affine(
+    r: Tensor, d: Tensor, gamma: Tensor | None, beta: Tensor | None, valid: Tensor | bool
+) -> tuple[Tensor, Tensor]:
+    """The scale and offset that batch renormalization puts in place of ``gamma`` and ``beta``.
+
+    Normalizing with ``(r * gamma, d * gamma + beta)`` gives ``((x - mean) / s * r + d) * gamma
+    + beta`` (``gamma``/``beta`` absent: 1/0), as Keras composes them. A channel that is not
+    ``valid`` (no element: the caller normalizes it with the moving statistics, as in inference)
+    takes ``r = 1``, ``d = 0``.
+    """
+    if valid is not True:
+        r, d = torch.where(valid, r, 1.0), torch.where(valid, d, 0.0)
+    r, d = _saved_for_backward(r, d)
     if gamma is None:
         return r, d if beta is None else d + beta
     return r * gamma, torch.addcmul(beta, d, gamma) if beta is not None else d * gamma

@@ -95,8 +95,10 @@ def _check_arguments(
 def _check_axis(axis: Any) -> None:
     """An int, or a non-empty list or tuple of distinct ints (several channel axes, as tf-keras)."""
     if isinstance(axis, (list, tuple)):
-        if not axis or any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axis):
+        if any(isinstance(a, bool) or not isinstance(a, numbers.Integral) for a in axis):
             raise TypeError(f"axis must be an int or a non-empty list/tuple of ints, received axis={axis!r}")
+        if not axis:
+            raise ValueError(f"axis must name at least one axis, received axis={axis!r}")
         if len(set(axis)) < len(axis):
             raise ValueError(f"axis must not name an axis twice, received axis={axis!r}")
         return
@@ -544,9 +546,12 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 if tuple(t.shape) != expected
             ]
         missing = [prefix + name for name in names if name not in saved]
-        if problems or (missing and _loading_strictly()):
+        # Keys of this layer that it does not have (e.g. renorm's from a renorm=True layer)
+        unexpected = [key for key in state_dict if key.startswith(prefix) and key[len(prefix) :] not in names]
+        if problems or ((missing or unexpected) and _loading_strictly()):
             error_msgs.extend(problems)
             missing_keys.extend(missing)
+            unexpected_keys.extend(unexpected)
             return
         if unbuilt:  # nothing to copy: both are unbuilt
             missing_keys.extend(missing)
@@ -666,7 +671,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         y = functional.from_channel_view(y, split.shape, order)
         if len(axes) > 1:  # brought together by a copy: the output goes back to the input's layout
             y = functional.in_layout_of(y, split)
-        return y.reshape(x.shape) if ghosts > 1 else y
+        return y if split is x else y.reshape(x.shape)
 
     def _normalize_training(self, view, inside, ghosts, gamma, beta, moving_mean, moving_variance) -> Tensor:
         """The training call on a channel view: which statistics, the fallback, the update (the policy).
@@ -688,18 +693,14 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             return functional.normalize(view, *fallback, self.epsilon)
         update = statistics if ghosts == 1 else functional.mean_over_ghosts(statistics, ghosts)
         if not isinstance(statistics.count, int):  # decided on the device: no synchronization
-            has_elements = statistics.count > 0
-            fallback_mean, fallback_variance = _over_ghosts(ghosts, moving_mean, moving_variance)
-            statistics = statistics._replace(
-                mean=torch.where(has_elements, statistics.mean, fallback_mean),
-                var=torch.where(has_elements, statistics.var, fallback_variance),
+            statistics = functional.fill_empty(statistics, *_over_ghosts(ghosts, moving_mean, moving_variance))
+        if self.renorm:  # r and d from the update's statistics; none where a ghost batch is empty
+            r, d = functional.renorm_correction(
+                update, _flat(self.renorm_mean), _flat(self.renorm_stddev), self.epsilon, self.renorm_clipping
             )
-        if self.renorm:
-            renorm_mean, renorm_stddev = _flat(self.renorm_mean), _flat(self.renorm_stddev)
-            gamma, beta = functional.renorm_affine(
-                update, gamma, beta, renorm_mean, renorm_stddev, self.epsilon, self.renorm_clipping
-            )
-        gamma, beta = _over_ghosts(ghosts, gamma, beta)
+            gamma, beta = functional.renorm_affine(*_over_ghosts(ghosts, r, d, gamma, beta), statistics.valid)
+        else:
+            gamma, beta = _over_ghosts(ghosts, gamma, beta)
         y = functional.normalize_by_batch(view, statistics, gamma, beta, self.epsilon, inside, all_reduce)
         if self.renorm:
             buffers = (self.moving_mean, self.moving_variance, *(getattr(self, name) for name in _RENORM_BUFFERS))
