@@ -60,7 +60,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchnorm import BatchNormalization
-from batchnorm.demo import NHWC, GlobalAvgPoolNHWC, _accuracy, _batches, _load_digits, bn_layers
+from batchnorm.demo import NHWC, GlobalAvgPoolNHWC, accuracy, bn_layers, load_digits_images, shuffled_batches
 
 LR = 1e-3  # Adam's learning rate: constant, or the peak of the one-cycle schedule (as the demo)
 RENORM = {
@@ -126,7 +126,7 @@ def train(model: nn.Module, data, args: argparse.Namespace) -> dict:
     for _ in range(args.epochs):
         model.train()
         correct = seen = 0
-        for idx in _batches(len(y_train), args.batch_size, generator):
+        for idx in shuffled_batches(len(y_train), args.batch_size, generator):
             logits = model(x_train[idx])
             loss = F.cross_entropy(logits, y_train[idx])
             optimizer.zero_grad(set_to_none=True)
@@ -137,7 +137,7 @@ def train(model: nn.Module, data, args: argparse.Namespace) -> dict:
             correct += (logits.argmax(-1) == y_train[idx]).sum().item()
             seen += len(idx)
         history["train_mode"].append(correct / seen)
-        history["inference"].append(_accuracy(model.eval(), data.x_test, data.y_test, 256))
+        history["inference"].append(accuracy(model.eval(), data.x_test, data.y_test, 256))
     history["seconds"] = time.perf_counter() - started
     return history
 
@@ -170,9 +170,9 @@ def final_accuracies(model: nn.Module, data, batch_size: int) -> dict:
     statistics; in training mode on test batches of ``batch_size`` (on a copy: training calls
     write moving statistics)."""
     return {
-        "inference": _accuracy(model.eval(), data.x_test, data.y_test, 256),
-        "population": _accuracy(with_population_statistics(model, data.x_train), data.x_test, data.y_test, 256),
-        "train_mode": _accuracy(copy.deepcopy(model).train(), data.x_test, data.y_test, batch_size),
+        "inference": accuracy(model.eval(), data.x_test, data.y_test, 256),
+        "population": accuracy(with_population_statistics(model, data.x_train), data.x_test, data.y_test, 256),
+        "train_mode": accuracy(copy.deepcopy(model).train(), data.x_test, data.y_test, batch_size),
     }
 
 
@@ -191,7 +191,7 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def _run(args: argparse.Namespace) -> dict:
-    data = _load_digits(args.seed)
+    data = load_digits_images(args.seed)
     if args.quick:
         data.x_train, data.y_train = data.x_train[: QUICK["train_images"]], data.y_train[: QUICK["train_images"]]
     print(
