@@ -427,7 +427,7 @@ def test_channel_view_of_adjacent_axes_is_a_view(shape, axes, memory_format):
     if memory_format is not None:
         x = x.to(memory_format=memory_format)
     # As the layer calls them: the channel axes non-negative and sorted.
-    order = functional.channel_order(x, axes)
+    order = functional.channel_order(functional.memory_order(x), axes, x.dim())
     view = functional.channel_view(x, axes, order)
     assert view.data_ptr() == x.data_ptr()
     assert view.untyped_storage().data_ptr() == x.untyped_storage().data_ptr()

@@ -166,9 +166,9 @@ def test_adjacent_axes_are_read_without_a_copy():
     from batchnorm import functional
 
     x = batch(0)
-    order = functional.channel_order(x, (2, 3))
+    order = functional.channel_order(None, (2, 3), x.dim())  # a contiguous x
     assert functional.channel_view(x, (2, 3), order).data_ptr() == x.data_ptr()
-    apart = functional.channel_order(x, (1, 3))
+    apart = functional.channel_order(None, (1, 3), x.dim())
     assert functional.channel_view(x, (1, 3), apart).shape == (8, 3 * 2, 4)  # one copy: (8, 3, 2, 4)
     bn = BatchNormalization(axis=(2, 3))
     assert bn(x, training=True).is_contiguous()
@@ -178,8 +178,11 @@ def test_ghost_batches_are_a_view_of_the_input():
     from batchnorm import functional
 
     x = batch(0)
-    split, axes, _ = functional.ghost_batches(x, 4, (1,))
-    assert split.data_ptr() == x.data_ptr() and split.shape == (4, 2, 3, 4, 2) and axes == (1, 2)
+    split, axes, _, memory = functional.ghost_batches(x, 4, (1,), None, None)
+    assert split.data_ptr() == x.data_ptr() and split.shape == (4, 2, 3, 4, 2) and axes == (1, 2) and memory is None
+    last = x.contiguous(memory_format=torch.channels_last)
+    split, _, _, memory = functional.ghost_batches(last, 4, (1,), None, functional.memory_order(last))
+    assert memory == (0, 1, 3, 4, 2) and split.permute(memory).is_contiguous()  # derived, not sorted
     assert torch.equal(split[:, 1], x[1::2])  # ghost batch 1: samples 1, 3, 5, 7 (strided, as tf-keras)
 
 

@@ -260,7 +260,7 @@ def test_channels_last_is_read_without_a_copy(memory_format, shape):
     order = functional.memory_order(x)
     view = functional.channel_view(x, 1, order)
     assert view.shape == (x.numel() // 8, 8) and view.data_ptr() == x.data_ptr() and view.is_contiguous()
-    back = functional.from_channel_view(view, x.shape, order)
+    back = functional.from_channel_view(view, x.shape, order, order)
     assert back.stride() == x.stride() and back.data_ptr() == x.data_ptr()
     # A channels_last tensor normalized on another axis: an (A, C, B) view, no copy either.
     view = functional.channel_view(x, 2, order)

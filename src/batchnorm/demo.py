@@ -109,7 +109,7 @@ def buffers_equal(before: dict[str, torch.Tensor], after: dict[str, torch.Tensor
 
 
 @dataclass
-class _Digits:
+class Digits:
     """scikit-learn's 8x8 digits as channels-last ``(N, 8, 8, 1)`` images in [0, 1], split 3:1."""
 
     x_train: torch.Tensor
@@ -118,7 +118,8 @@ class _Digits:
     y_test: torch.Tensor
 
 
-def _load_digits(seed: int) -> _Digits:
+def load_digits_images(seed: int) -> Digits:
+    """The digits of :class:`Digits`, split stratified with ``seed``."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
 
@@ -129,10 +130,10 @@ def _load_digits(seed: int) -> _Digits:
         torch.arange(len(y)).numpy(), test_size=0.25, stratify=digits.target, random_state=seed
     )
     idx_train, idx_test = torch.as_tensor(idx_train), torch.as_tensor(idx_test)
-    return _Digits(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
+    return Digits(x[idx_train], y[idx_train], x[idx_test], y[idx_test])
 
 
-def _batches(n: int, batch_size: int, generator: torch.Generator):
+def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
     """Shuffled index batches; drops the last incomplete batch (so no tiny batch feeds the statistics)."""
     perm = torch.randperm(n, generator=generator)
     for start in range(0, n - batch_size + 1, batch_size):
@@ -140,7 +141,8 @@ def _batches(n: int, batch_size: int, generator: torch.Generator):
 
 
 @torch.no_grad()
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> float:
+    """The share of ``x`` that ``model`` (in its mode as it is) classifies as ``y``, in batches."""
     correct = 0
     for start in range(0, len(y), batch_size):
         logits = model(x[start : start + batch_size])
@@ -209,7 +211,7 @@ def _built_model(x: torch.Tensor) -> nn.Sequential:
 def _train(
     model: nn.Module,
     tracked: BatchNormalization,
-    data: _Digits,
+    data: Digits,
     epochs: int,
     generator: torch.Generator,
     progress: bool,
@@ -236,7 +238,7 @@ def _train(
     for epoch in range(1, epochs + 1):
         train_loss, train_accuracy = _train_epoch(model, optimizer, schedule, data, generator, after_step)
         model.eval()
-        test_accuracy = _accuracy(model, data.x_test, data.y_test, 256)
+        test_accuracy = accuracy(model, data.x_test, data.y_test, 256)
         run.record_epoch(epoch, train_loss, train_accuracy, test_accuracy)
         bar.set_postfix_str(f"epoch {epoch}/{epochs}, loss {train_loss:.3f}, test acc {100 * test_accuracy:.1f}%")
     run.seconds = time.perf_counter() - t0
@@ -248,14 +250,14 @@ def _train_epoch(
     model: nn.Module,
     optimizer: torch.optim.Optimizer,
     schedule: torch.optim.lr_scheduler.LRScheduler,
-    data: _Digits,
+    data: Digits,
     generator: torch.Generator,
     after_step: Callable[[], None],
 ) -> tuple[float, float]:
     """One shuffled pass in training mode; the mean loss and the accuracy over its batches."""
     model.train()
     loss_sum = correct = seen = 0
-    for idx in _batches(len(data.y_train), BATCH_SIZE, generator):
+    for idx in shuffled_batches(len(data.y_train), BATCH_SIZE, generator):
         logits = model(data.x_train[idx])
         loss = F.cross_entropy(logits, data.y_train[idx])
         optimizer.zero_grad(set_to_none=True)
@@ -282,14 +284,14 @@ class _ModeAccuracies:
     full_batch: float
 
 
-def _accuracy_by_mode(model: nn.Module, data: _Digits) -> _ModeAccuracies:
+def _accuracy_by_mode(model: nn.Module, data: Digits) -> _ModeAccuracies:
     model.eval()
-    inference = _accuracy(model, data.x_test, data.y_test, 256)
+    inference = accuracy(model, data.x_test, data.y_test, 256)
     forced = copy.deepcopy(model).train()  # a copy: training-mode calls update moving statistics
     return _ModeAccuracies(
         inference=inference,
-        small_batch=_accuracy(forced, data.x_test, data.y_test, SMALL_BATCH),
-        full_batch=_accuracy(forced, data.x_test, data.y_test, len(data.y_test)),
+        small_batch=accuracy(forced, data.x_test, data.y_test, SMALL_BATCH),
+        full_batch=accuracy(forced, data.x_test, data.y_test, len(data.y_test)),
     )
 
 
@@ -304,7 +306,7 @@ class _FineTuning:
     frozen_layers: int
 
 
-def _fine_tune_new_head(model: nn.Sequential, data: _Digits, generator: torch.Generator) -> _FineTuning:
+def _fine_tune_new_head(model: nn.Sequential, data: Digits, generator: torch.Generator) -> _FineTuning:
     """Freeze the backbone with ``set_trainable(backbone, False)`` and train a new head for
     FINETUNE_STEPS steps in ``model.train()`` mode, the usual loop: the frozen layers must stay in
     inference mode, so their moving statistics must not move."""
@@ -319,7 +321,7 @@ def _fine_tune_new_head(model: nn.Sequential, data: _Digits, generator: torch.Ge
     weights_unchanged = all(torch.equal(a, b) for a, b in zip(weights_before, backbone.parameters()))
     finetuned.eval()
     return _FineTuning(
-        accuracy=_accuracy(finetuned, data.x_test, data.y_test, 256),
+        accuracy=accuracy(finetuned, data.x_test, data.y_test, 256),
         buffers_unchanged=buffers_equal(before, after),
         weights_unchanged=weights_unchanged,
         buffers_checked=len(after),
@@ -327,12 +329,12 @@ def _fine_tune_new_head(model: nn.Sequential, data: _Digits, generator: torch.Ge
     )
 
 
-def _train_steps(model: nn.Module, data: _Digits, generator: torch.Generator, steps: int) -> None:
+def _train_steps(model: nn.Module, data: Digits, generator: torch.Generator, steps: int) -> None:
     """``steps`` Adam steps (lr 1e-2) on the parameters that require a gradient."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     step = 0
     while step < steps:
-        for idx in _batches(len(data.y_train), BATCH_SIZE, generator):
+        for idx in shuffled_batches(len(data.y_train), BATCH_SIZE, generator):
             loss = F.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -343,7 +345,7 @@ def _train_steps(model: nn.Module, data: _Digits, generator: torch.Generator, st
 
 
 def _figure_of_moving_statistics(
-    path: Path, model: nn.Module, tracked: BatchNormalization, data: _Digits, training: _Training
+    path: Path, model: nn.Module, tracked: BatchNormalization, data: Digits, training: _Training
 ) -> tuple[Path, float]:
     """(c) Draw the figure; return its path and how far the tracked layer's final moving means
     are from the population means of its inputs, in population standard deviations (the most
@@ -377,7 +379,7 @@ def run_demo(epochs: int = 25, seed: int = 0, out_dir: str | Path = "demo-out", 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     png_path = Path(out_dir) / FIGURE_NAME
-    data = _load_digits(seed)
+    data = load_digits_images(seed)
     model = _built_model(data.x_train)
     tracked = bn_layers(model)[TRACKED_LAYER]
     _print_setup(model, data)
@@ -415,7 +417,7 @@ def _pct(a: float) -> str:
     return f"{100 * a:5.1f} %"
 
 
-def _print_setup(model: nn.Module, data: _Digits) -> None:
+def _print_setup(model: nn.Module, data: Digits) -> None:
     print(
         "batchnorm demo: a small channels-last CNN with BatchNormalization(axis=-1), "
         "on scikit-learn's 8x8 digits, on CPU"

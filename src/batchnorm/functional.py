@@ -39,7 +39,6 @@ __all__ = [
     "channel_order",
     "channel_view",
     "from_channel_view",
-    "in_layout_of",
     "per_channel",
     "check_mask",
     "full_mask",
@@ -91,22 +90,21 @@ def _as_axes(axis: Axes) -> tuple[int, ...]:
     return (axis,) if isinstance(axis, int) else tuple(axis)
 
 
-def channel_order(x: Tensor, axis: Axes) -> tuple[int, ...] | None:
-    """The order of dimensions in which :func:`channel_view` reads ``x`` for the channel axes ``axis``
-    (non-negative, sorted): :func:`memory_order`, with several channel axes brought together.
+def channel_order(memory: tuple[int, ...] | None, axis: Axes, rank: int) -> tuple[int, ...] | None:
+    """The order of dimensions in which :func:`channel_view` reads an input of rank ``rank``, laid out
+    in ``memory`` (its :func:`memory_order`), for the channel axes ``axis`` (non-negative, sorted).
 
-    Channel axes that lie together in memory, in increasing order, keep it (a view); others are
-    gathered at the place of the first of them (the view is then a copy, and
-    :func:`in_layout_of` puts the output back in ``x``'s layout).
+    ``memory`` itself where the channel axes lie together in it, in increasing order (the view is
+    then a view); otherwise ``memory`` with the channel axes gathered at the place of the first of
+    them (the view is a copy, and :func:`from_channel_view` copies the output back).
     """
-    order = memory_order(x)
     axes = _as_axes(axis)
     if len(axes) == 1:
-        return order
-    current = order if order is not None else tuple(range(x.dim()))
+        return memory
+    current = memory if memory is not None else tuple(range(rank))
     first = current.index(axes[0])
     if current[first : first + len(axes)] == axes:
-        return order
+        return memory
     others = [d for d in current if d not in axes]
     at = sum(d not in axes for d in current[: min(map(current.index, axes))])
     return (*others[:at], *axes, *others[at:])
@@ -138,25 +136,21 @@ def channel_view(x: Tensor, axis: Axes, order: tuple[int, ...] | None = None) ->
     return x.reshape(math.prod(shape[:start]), channels, after)
 
 
-def from_channel_view(y: Tensor, shape: torch.Size, order: tuple[int, ...] | None = None) -> Tensor:
-    """``y``, a channel view made by ``channel_view(x, axis, order)``, back in ``x``'s ``shape``
-    and, for a contiguous ``y``, in the layout of ``x.permute(order)`` (a view)."""
-    if order is None:
-        return y.reshape(shape)
-    return y.reshape([shape[d] for d in order]).permute(_inverse(order))
+def from_channel_view(
+    y: Tensor, shape: torch.Size, order: tuple[int, ...] | None = None, memory: tuple[int, ...] | None = None
+) -> Tensor:
+    """``y``, a channel view made by ``channel_view(x, axis, order)``, back in ``x``'s ``shape``, laid
+    out in ``memory`` (``x``'s :func:`memory_order`; ``None``: contiguous).
 
-
-def in_layout_of(y: Tensor, x: Tensor) -> Tensor:
-    """``y`` (of ``x``'s shape) in ``x``'s memory layout: ``y`` where it has it, else a copy.
-
-    For the output of channel axes that :func:`channel_order` brought together by a copy.
+    A view where ``order`` is ``memory`` (for a contiguous ``y``); where :func:`channel_order`
+    gathered channel axes apart in memory, the output is copied back into ``memory``'s layout.
     """
-    if y.stride() == x.stride():
+    y = y.reshape(shape) if order is None else y.reshape([shape[d] for d in order]).permute(_inverse(order))
+    if order == memory:
         return y
-    order = memory_order(x)
-    if order is None:  # contiguous, or not dense (no layout to keep)
-        return y.contiguous() if x.is_contiguous() else y
-    return y.permute(order).contiguous().permute(_inverse(order))
+    if memory is None:
+        return y.contiguous()
+    return y.permute(memory).contiguous().permute(_inverse(memory))
 
 
 def check_mask(mask: Tensor, shape: torch.Size, axis: Axes) -> None:
@@ -197,23 +191,26 @@ def mask_view(mask: Tensor, shape: torch.Size, axis: Axes, order: tuple[int, ...
 
 
 def ghost_batches(
-    x: Tensor, virtual_batch_size: int, axis: Axes, inside: Tensor | None = None
-) -> tuple[Tensor, tuple[int, ...], Tensor | None]:
+    x: Tensor, virtual_batch_size: int, axis: Axes, inside: Tensor | None, memory: tuple[int, ...] | None
+) -> tuple[Tensor, tuple[int, ...], Tensor | None, tuple[int, ...] | None]:
     """``x`` split into ghost batches as tf-keras splits it, with the channel axes that give each its own statistics.
 
     ``x`` of shape ``(B, ...)`` is viewed as ``(v, B / v, ...)`` (``v = virtual_batch_size``,
     which must divide ``B``): ghost batch ``j`` holds the samples ``j, j + B/v, j + 2B/v, ...``
-    (strided, as tf-keras's row-major reshape). Returns that view, the channel axes ``(1, *axis
-    + 1)`` (the ghost index first) and ``inside`` (a :func:`full_mask` of ``x``, or ``None``)
-    likewise split and expanded over the channel axes, since it differs from ghost to ghost.
+    (strided, as tf-keras's row-major reshape). Returns that view; the channel axes ``(1, *axis
+    + 1)`` (the ghost index first); ``inside`` (a :func:`full_mask` of ``x``, or ``None``)
+    likewise split and expanded over the channel axes, since it differs from ghost to ghost; and
+    the view's memory order from ``x``'s, ``memory`` (derived, not read from strides: under
+    ``torch.compile`` the split's strides depend on ``B``, and sorting them breaks the graph).
     """
     axes = _as_axes(axis)
-    ghosts = x.shape[0] // virtual_batch_size
-    split = x.unflatten(0, (virtual_batch_size, ghosts))
-    if inside is not None:
-        inside = inside.expand(x.shape[0], *inside.shape[1:]).unflatten(0, (virtual_batch_size, ghosts))
-        inside = inside.expand(split.shape)
-    return split, (1, *(a + 1 for a in axes)), inside
+    split_shape = (virtual_batch_size, x.shape[0] // virtual_batch_size)
+    split = x.unflatten(0, split_shape)
+    if inside is not None:  # a full mask: its batch dimension is expanded already
+        inside = inside.unflatten(0, split_shape).expand(split.shape)
+    if memory is not None:  # the batch dimension becomes two, in its place
+        memory = tuple(e for d in memory for e in ((0, 1) if d == 0 else (d + 1,)))
+    return split, (1, *(a + 1 for a in axes)), inside, memory
 
 
 def normalize(
@@ -261,10 +258,10 @@ def normalize_input(
         # as F.batch_norm does. Not where autograd records: given a gradient in another layout
         # than a channels-last-like input, PyTorch's CPU backward permutes dx (torch 2.13).
         return normalize(x, mean, var, gamma, beta, epsilon)
-    order = channel_order(x, axis)
+    memory = memory_order(x)
+    order = channel_order(memory, axis, x.dim())
     y = normalize(channel_view(x, axis, order), mean, var, gamma, beta, epsilon)
-    y = from_channel_view(y, x.shape, order)
-    return y if isinstance(axis, int) or len(axis) == 1 else in_layout_of(y, x)
+    return from_channel_view(y, x.shape, order, memory)
 
 
 # ------------------------------------------------------------------------------ batch statistics

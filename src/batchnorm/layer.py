@@ -135,6 +135,11 @@ def _check_clipping(clipping: Any) -> None:
         raise ValueError(f"renorm_clipping needs dmax >= 0, received dmax={dmax!r}")
 
 
+def _python_number(value: Any) -> Any:
+    """A NumPy scalar as the Python number it holds; anything else as it is."""
+    return value.item() if isinstance(value, numbers.Number) and hasattr(value, "item") else value
+
+
 def _check_device(device: Any) -> torch.device | None:
     if device is None:
         return None
@@ -367,10 +372,13 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         self.axis = int(axis) if isinstance(axis, numbers.Integral) else type(axis)(map(int, axis))
         self.momentum, self.epsilon = float(momentum), float(epsilon)
         self.center, self.scale, self.synchronized = center, scale, synchronized
-        # Kept as Keras keeps them (its configs write them so): a copy of the clipping dict, {}
-        # for None under renorm, and renorm_momentum as given.
-        self.renorm, self.renorm_momentum = renorm, renorm_momentum
-        self.renorm_clipping = dict(renorm_clipping or {}) if renorm or renorm_clipping else renorm_clipping
+        # Kept as Keras keeps them, for its configs: renorm_momentum and the bounds as given (NumPy
+        # numbers as Python's, for JSON), and {} for no clipping under renorm.
+        self.renorm, self.renorm_momentum = renorm, _python_number(renorm_momentum)
+        if renorm_clipping is not None:
+            self.renorm_clipping = {key: _python_number(bound) for key, bound in renorm_clipping.items()}
+        else:
+            self.renorm_clipping = {} if renorm else None
         self.virtual_batch_size = None if virtual_batch_size is None else int(virtual_batch_size)
         self.process_group = process_group
         self.beta_initializer = initializers.get(beta_initializer, argument="beta_initializer")
@@ -659,28 +667,28 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         inside = None
         if mask is not None:
             inside = functional.full_mask(mask if mask.device == x.device else mask.to(x.device), x.shape, axes)
-        ghosts, split = 1, x
-        if self.virtual_batch_size is not None and x.shape[0] > 0:
-            ghosts = x.shape[0] // self.virtual_batch_size
-            split, axes, inside = functional.ghost_batches(x, self.virtual_batch_size, axes, inside)
-        order = functional.channel_order(split, axes)  # channels_last & co. are read where they lie
+        memory = functional.memory_order(x)  # channels_last & co. are read where they lie
+        ghost_count, split = 1, x
+        if self.virtual_batch_size is not None and x.shape[0] > self.virtual_batch_size:  # one: the batch itself
+            ghost_count = x.shape[0] // self.virtual_batch_size
+            split, axes, inside, memory = functional.ghost_batches(x, self.virtual_batch_size, axes, inside, memory)
+        order = functional.channel_order(memory, axes, split.dim())
         view = functional.channel_view(split, axes, order)
         if inside is not None:
             inside = functional.channel_view(inside, axes, order)
-        y = self._normalize_training(view, inside, ghosts, gamma, beta, moving_mean, moving_variance)
-        y = functional.from_channel_view(y, split.shape, order)
-        if len(axes) > 1:  # brought together by a copy: the output goes back to the input's layout
-            y = functional.in_layout_of(y, split)
+        y = self._normalize_training(view, inside, ghost_count, gamma, beta, moving_mean, moving_variance)
+        y = functional.from_channel_view(y, split.shape, order, memory)
         return y if split is x else y.reshape(x.shape)
 
-    def _normalize_training(self, view, inside, ghosts, gamma, beta, moving_mean, moving_variance) -> Tensor:
+    def _normalize_training(self, view, inside, ghost_count, gamma, beta, moving_mean, moving_variance) -> Tensor:
         """The training call on a channel view: which statistics, the fallback, the update (the policy).
 
         Synchronized layers take the global batch's statistics and sum the backward's over the
         group; every rank joins, one with an empty shard too (ghost batches stay each process's
         own). A batch with no element (empty, or all masked out) has no statistics: the moving
-        ones stand in and nothing is updated. In ghost batches (``ghosts`` of them, each its own
-        channels of ``view``), the update and renorm's correction take the ghosts' mean statistics.
+        ones stand in, as in inference, and nothing is updated. In ghost batches (``ghost_count``
+        of them, each its own channels of ``view``), the update and renorm's correction take the
+        mean of their statistics.
         """
         all_reduce = None
         if self.synchronized and self.virtual_batch_size is None and distributed.is_synchronizing(self.process_group):
@@ -688,30 +696,49 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             all_reduce = distributed.summing(self.process_group)
         else:
             statistics = functional.batch_statistics(view, inside)
-        if isinstance(statistics.count, int) and statistics.count == 0:  # known on the host
-            fallback = _over_ghosts(ghosts, moving_mean, moving_variance, gamma, beta)
+        if not isinstance(statistics.count, Tensor) and statistics.count == 0:  # known on the host
+            fallback = _over_ghosts(ghost_count, moving_mean, moving_variance, gamma, beta)
             return functional.normalize(view, *fallback, self.epsilon)
-        update = statistics if ghosts == 1 else functional.mean_over_ghosts(statistics, ghosts)
-        if not isinstance(statistics.count, int):  # decided on the device: no synchronization
-            statistics = functional.fill_empty(statistics, *_over_ghosts(ghosts, moving_mean, moving_variance))
-        if self.renorm:  # r and d from the update's statistics; none where a ghost batch is empty
-            r, d = functional.renorm_correction(
-                update, _flat(self.renorm_mean), _flat(self.renorm_stddev), self.epsilon, self.renorm_clipping
-            )
-            gamma, beta = functional.renorm_affine(*_over_ghosts(ghosts, r, d, gamma, beta), statistics.valid)
-        else:
-            gamma, beta = _over_ghosts(ghosts, gamma, beta)
+        update = statistics if ghost_count == 1 else functional.mean_over_ghosts(statistics, ghost_count)
+        if isinstance(statistics.count, Tensor):  # decided on the device: no synchronization
+            statistics = functional.fill_empty(statistics, *_over_ghosts(ghost_count, moving_mean, moving_variance))
+        gamma, beta = self._batch_affine(update, statistics.valid, ghost_count, gamma, beta)
         y = functional.normalize_by_batch(view, statistics, gamma, beta, self.epsilon, inside, all_reduce)
-        if self.renorm:
-            buffers = (self.moving_mean, self.moving_variance, *(getattr(self, name) for name in _RENORM_BUFFERS))
-            functional.update_renorm_statistics(
-                *map(_flat, buffers), update, self.momentum, self.renorm_momentum, self.epsilon
-            )
-        else:
+        self._update_moving_statistics(update)
+        return y
+
+    def _batch_affine(self, update, valid, ghost_count, gamma, beta) -> tuple[Tensor | None, Tensor | None]:
+        """The scale and offset of the training normalization, for each channel of the view.
+
+        ``gamma``/``beta``, or under renorm ``r * gamma``/``d * gamma + beta`` with ``r``, ``d``
+        from the ``update`` statistics (as tf-keras for ghost batches), but none (``r = 1``,
+        ``d = 0``) where the view's channel is not ``valid``: without elements, it takes the
+        inference formula.
+        """
+        if not self.renorm:
+            return _over_ghosts(ghost_count, gamma, beta)
+        renorm_mean, renorm_stddev = _flat(self.renorm_mean), _flat(self.renorm_stddev)
+        r, d = functional.renorm_correction(update, renorm_mean, renorm_stddev, self.epsilon, self.renorm_clipping)
+        return functional.renorm_affine(*_over_ghosts(ghost_count, r, d, gamma, beta), valid)
+
+    def _update_moving_statistics(self, update: functional.Statistics) -> None:
+        """One update per training call, in place: Keras's two moving averages, or renorm's five."""
+        if not self.renorm:
             functional.update_moving_statistics(
                 _flat(self.moving_mean), _flat(self.moving_variance), update, self.momentum
             )
-        return y
+            return
+        functional.update_renorm_statistics(
+            moving_mean=_flat(self.moving_mean),
+            moving_variance=_flat(self.moving_variance),
+            moving_stddev=_flat(self.moving_stddev),
+            renorm_mean=_flat(self.renorm_mean),
+            renorm_stddev=_flat(self.renorm_stddev),
+            statistics=update,
+            momentum=self.momentum,
+            renorm_momentum=self.renorm_momentum,
+            epsilon=self.epsilon,
+        )
 
     # -------------------------------------------------------------- regularizers, constraints
 
