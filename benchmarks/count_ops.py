@@ -69,7 +69,7 @@ def count_case(case: Case) -> list[tuple[str, int, int, int | None]]:
     x, _, mask = _make_inputs(case, quick=False, device=torch.device("cpu"))
     x = x.detach().requires_grad_()
     axis = case.axis % x.dim()
-    ours = BatchNormalization(axis=case.axis)
+    ours = BatchNormalization(axis=case.axis, renorm=case.renorm)
 
     def ours_call(inputs, training):
         return ours(inputs, training, mask=mask)
