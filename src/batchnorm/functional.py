@@ -561,7 +561,7 @@ def renorm_correction(
 
     A bound absent from ``clipping``, or ``None``, clips nothing. Constants for the gradients.
     """
-    mean, var = statistics.mean.detach(), statistics.var.detach()
+    mean, var = _constant(statistics.mean), _constant(statistics.var)
     safe_stddev = renorm_stddev.to(mean.dtype).clamp(min=math.sqrt(epsilon))
     r = torch.sqrt(var + epsilon) / safe_stddev
     d = (mean - renorm_mean.to(mean.dtype)) / safe_stddev
@@ -587,8 +587,8 @@ def renorm_affine(
         r, d = torch.where(valid, r, 1.0), torch.where(valid, d, 0.0)
     r, d = _saved_for_backward(r, d)
     if gamma is None:
-        return r, d if beta is None else d + beta
-    return r * gamma, torch.addcmul(beta, d, gamma) if beta is not None else d * gamma
+        return r, (d if beta is None else d + beta)
+    return r * gamma, (d * gamma if beta is None else torch.addcmul(beta, d, gamma))
 
 
 def update_moving_statistics(
@@ -624,21 +624,21 @@ def update_renorm_statistics(
     :func:`update_moving_statistics`), then ``moving_variance = relu(moving_stddev**2 - epsilon)``.
     """
     valid = statistics.valid
-    mean = statistics.mean.detach()
-    stddev = torch.sqrt(statistics.var.detach() + epsilon)
+    mean = _constant(statistics.mean)
+    batch_stddev = torch.sqrt(_constant(statistics.var) + epsilon)
     _move_toward(renorm_mean, mean, valid, 1.0 - renorm_momentum)
-    _move_toward(renorm_stddev, stddev, valid, 1.0 - renorm_momentum)
+    _move_toward(renorm_stddev, batch_stddev, valid, 1.0 - renorm_momentum)
     _move_toward(moving_mean, mean, valid, 1.0 - momentum)
-    _move_toward(moving_stddev, stddev, valid, 1.0 - momentum)
-    stddev = moving_stddev.to(torch.promote_types(moving_stddev.dtype, mean.dtype))
-    # relu: rounding may take the square below epsilon (Keras's comment)
-    _assign(moving_variance, (stddev * stddev - epsilon).relu_(), valid)
+    _move_toward(moving_stddev, batch_stddev, valid, 1.0 - momentum)
+    # From the stored value (Keras takes it before storing: the same in float32 buffers, an ulp
+    # apart in 16-bit ones); relu: rounding may take the square below epsilon (Keras's comment).
+    stored = moving_stddev.to(torch.promote_types(moving_stddev.dtype, mean.dtype))
+    _assign(moving_variance, (stored * stored - epsilon).relu_(), valid)
 
 
 def _move_toward(moving: Tensor, batch: Tensor, valid: Tensor | bool, weight: float) -> None:
     """``moving += weight * (batch - moving)`` in place, for the ``valid`` channels (module docstring)."""
-    if batch.requires_grad:
-        batch = batch.detach()
+    batch = _constant(batch)
     # An invalid channel blends with itself, which leaves it exactly as it was.
     target = batch if valid is True else torch.where(valid, batch, moving)
     if target.dtype == moving.dtype:
@@ -646,6 +646,11 @@ def _move_toward(moving: Tensor, batch: Tensor, valid: Tensor | bool, weight: fl
     else:  # blend in the wider dtype, store in the buffer's
         wide = torch.promote_types(moving.dtype, target.dtype)
         _assign(moving, moving.to(wide, copy=True).lerp_(target.to(wide), weight), True)
+
+
+def _constant(t: Tensor) -> Tensor:
+    """``t`` without its autograd history, where it has one (under ``torch.func`` transforms)."""
+    return t.detach() if t.requires_grad else t
 
 
 def _assign(moving: Tensor, value: Tensor, valid: Tensor | bool) -> None:
