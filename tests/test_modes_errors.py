@@ -246,3 +246,20 @@ def test_from_config_bad_mode_values_raise_the_constructor_errors(key, value, er
     config = {**BatchNormalization(axis=1, renorm=True).get_config(), key: value}
     with pytest.raises(error, match=key):
         BatchNormalization.from_config(config)
+
+
+def test_a_clipping_bound_of_none_clips_nothing_and_nan_is_refused():
+    x = torch.randn(6, 3, generator=torch.Generator().manual_seed(0)) * 3 + 2
+    with_none = BatchNormalization(renorm=True, renorm_clipping={"rmax": None, "dmax": 0.5})
+    without = BatchNormalization(renorm=True, renorm_clipping={"dmax": 0.5})
+    torch.testing.assert_close(with_none(x, training=True), without(x, training=True), rtol=0, atol=0)
+    assert with_none.get_config()["renorm_clipping"] == {"rmax": None, "dmax": 0.5}  # as given, as Keras
+    with pytest.raises(ValueError, match=r"renorm_clipping\['rmin'\] must not be NaN"):
+        BatchNormalization(renorm=True, renorm_clipping={"rmin": float("nan")})
+
+
+def test_channel_view_refuses_an_order_that_keeps_the_channel_axes_apart():
+    from batchnorm import functional
+
+    with pytest.raises(ValueError, match=r"not together.*channel_order"):
+        functional.channel_view(torch.randn(2, 3, 4, 5), (1, 3), None)
