@@ -1,4 +1,5 @@
-"""examples/renorm_small_batches.py: a --quick run end to end, and its command line.
+"""examples/renorm_small_batches.py and examples/port_keras_model.py: a --quick run of each end to
+end, and their command lines.
 
 (examples/ddp_cpu.py runs under torchrun in test_distributed.py.)
 """
@@ -9,6 +10,8 @@ import contextlib
 import importlib.util
 import io
 import struct
+import warnings
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -127,4 +130,146 @@ def test_help_and_bad_arguments(renorm_example, capsys):
     for argv in (["--epochs", "0"], ["--batch-size", "1"], ["--epochs", "x"]):
         with pytest.raises(SystemExit) as exc:
             renorm_example.parse_args(argv)
+        assert exc.value.code == 2
+
+
+# ------------------------------------------------------------------------- port_keras_model.py
+
+
+# Keras 3.15's torch backend converts tensors with np.array(x), which NumPy 2 warns about (Keras's own affair).
+KERAS_NUMPY_WARNING = "__array__ implementation doesn't accept a copy keyword"
+
+
+@pytest.fixture(scope="module")
+def port_example():
+    return _load("port_keras_model")
+
+
+@pytest.fixture(scope="module")
+def port_run(port_example, tmp_path_factory):
+    """(out_dir, result, printed text) of one --quick run."""
+    out = tmp_path_factory.mktemp("port-out")
+    args = port_example.parse_args(["--quick", "--seed", "1", "--out-dir", str(out)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", KERAS_NUMPY_WARNING, DeprecationWarning)
+        result = port_example.run(args)
+    return out, result, printed.getvalue()
+
+
+def test_port_quick_run_matches_keras(port_example, port_run):
+    _, result, text = port_run
+    assert result["logits_gap"] <= port_example.TOLERANCE == 1e-4
+    assert result["softmax_gap"] <= result["logits_gap"] / 2 + 1e-6  # softmax: 1/2-Lipschitz in the max norm
+    assert result["keras_accuracy"] == result["torch_accuracy"]
+    assert result["same_predictions"] == result["n_test"] == 450
+    assert 0.0 <= result["torch_accuracy"] <= 1.0
+    assert f"largest |Keras - PyTorch| of the logits: {result['logits_gap']:.2e} (limit 0.0001)" in text
+    assert f"Keras {100 * result['keras_accuracy']:.2f} %, PyTorch {100 * result['torch_accuracy']:.2f} %" in text
+
+
+def test_port_writes_a_keras_archive(port_run):
+    out, result, text = port_run
+    path = Path(result["keras_path"])
+    assert path.parent == out and path.suffix == ".keras" and f"saved {path}" in text
+    with zipfile.ZipFile(path) as archive:
+        assert {"config.json", "model.weights.h5"} <= set(archive.namelist())
+
+
+@pytest.mark.filterwarnings(f"ignore:{KERAS_NUMPY_WARNING}:DeprecationWarning")
+def test_port_takes_every_weight_from_the_file(port_run):
+    """Module by module, the PyTorch model holds the Keras model's weights: BatchNormalization's as
+    they are (renorm's five buffers, no beta without center), kernels transposed."""
+    import keras
+
+    _, result, text = port_run
+    torch_model, keras_model = result["torch_model"], result["keras_model"]
+    assert result["bn_pairs"] == [
+        ("1", "layers/batch_normalization"),
+        ("4", "layers/batch_normalization_1"),
+        ("9", "layers/batch_normalization_2"),
+    ]
+    assert result["kernel_pairs"] == [
+        ("0", "layers/conv2d"),
+        ("3", "layers/conv2d_1"),
+        ("8", "layers/dense"),
+        ("11", "layers/dense_1"),
+    ]
+    assert "[ 9] BatchNormalization   <- layers/batch_normalization_2" in text
+    keras_layers = [layer for layer in keras_model.layers if layer.weights]
+    torch_modules = [torch_model.get_submodule(name) for name in ("0", "1", "3", "4", "8", "9", "11")]
+    assert len(keras_layers) == len(torch_modules)
+    for keras_layer, module in zip(keras_layers, torch_modules):
+        weights = {v.name: torch.from_numpy(keras.ops.convert_to_numpy(v)) for v in keras_layer.weights}
+        if isinstance(module, BatchNormalization):
+            expected = {name: value for name, value in module.named_parameters()}
+            expected.update(module.named_buffers())
+            assert set(weights) == set(expected), keras_layer.name
+            config = keras_layer.get_config()
+            assert module.get_config() == {**config, "name": module.get_config()["name"]}
+        else:
+            kernel = weights.pop("kernel")
+            kernel = kernel.permute(3, 2, 0, 1) if kernel.dim() == 4 else kernel.T
+            expected = {"kernel": module.weight}
+            weights["kernel"] = kernel
+            if module.bias is not None:
+                expected["bias"] = module.bias
+        for name, value in weights.items():
+            assert torch.equal(value, expected[name].detach()), (keras_layer.name, name)
+    renorm, uncentered, dense_bn = (torch_model.get_submodule(name) for name in ("1", "4", "9"))
+    assert renorm.renorm and len(list(renorm.buffers())) == 5
+    assert not uncentered.center and uncentered.beta is None
+    assert dense_bn.epsilon == 1e-5
+    assert not torch.equal(dense_bn.moving_mean, torch.zeros_like(dense_bn.moving_mean))  # trained statistics
+
+
+def test_port_kernel_loading_is_all_or_nothing(port_example, port_run):
+    _, result, _ = port_run
+    model = port_example.build_torch_model()
+    model[8] = torch.nn.Linear(500, 64, bias=False)  # the Keras Dense kernel is (512, 64)
+    model[11] = torch.nn.Linear(64, 10, bias=False)  # Keras's has a bias
+    before = {
+        name: value.clone() for name, value in model.named_parameters() if not name.startswith(("1.", "4.", "9."))
+    }
+    with pytest.raises(ValueError) as exc:
+        port_example.load_keras_kernels(model, result["keras_path"])
+    message = str(exc.value)
+    assert result["keras_path"] in message and "layers/dense " in message and "layers/dense_1 " in message
+    assert "layers/conv2d" not in message
+    for name, value in model.named_parameters():
+        if name in before:
+            assert torch.equal(value, before[name]), name  # nothing written, the matching convs neither
+    model = port_example.build_torch_model()[:3]  # one Conv2d against the file's two
+    with pytest.raises(ValueError, match="2 conv2d layers in the file, 1 Conv2d"):
+        port_example.load_keras_kernels(model, result["keras_path"])
+
+
+def test_port_main_exit_status(port_example, monkeypatch, capsys):
+    calls = []
+
+    def fake_run(args, gap=0.0):
+        calls.append(args)
+        return {"logits_gap": gap}
+
+    monkeypatch.setattr(port_example, "run", fake_run)
+    assert port_example.main(["--quick", "--out-dir", "x", "--seed", "3"]) == 0
+    assert (calls[0].quick, calls[0].epochs, calls[0].seed, calls[0].out_dir) == (True, 2, 3, "x")
+    assert "OK" in capsys.readouterr().out
+    port_example.main([])
+    assert (calls[1].quick, calls[1].epochs, calls[1].seed, calls[1].out_dir) == (False, 5, 0, "port-out")
+    monkeypatch.setattr(port_example, "run", lambda args: fake_run(args, gap=1.5e-4))
+    assert port_example.main(["--quick"]) == 1
+    assert "FAILED: the logits differ by 1.50e-04 > 0.0001" in capsys.readouterr().out
+
+
+def test_port_help_and_bad_arguments(port_example, capsys):
+    with pytest.raises(SystemExit) as exc:
+        port_example.parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--epochs", "--seed", "--out-dir", "--quick"):
+        assert option in text
+    for argv in (["--epochs", "0"], ["--epochs", "x"], ["--seed", "1.5"]):
+        with pytest.raises(SystemExit) as exc:
+            port_example.parse_args(argv)
         assert exc.value.code == 2
