@@ -105,7 +105,7 @@ def load_keras(path: str | os.PathLike) -> dict[str, BatchNormalization]:
     """
     config, weights = _read_archive(path)
     with weights:
-        layers = {name: _layer(path, h5_path, layer, weights) for name, h5_path, layer in _config_layers(config)}
+        layers = {name: _layer(path, h5_path, layer, weights) for name, h5_path, layer in _config_layers(config, path)}
     if not layers:
         raise ValueError(f"{os.fspath(path)}: the model holds no BatchNormalization layer")
     return layers
@@ -123,16 +123,17 @@ def load_keras_weights(model: nn.Module, path: str | os.PathLike) -> list[tuple[
     order between a model's own layers and its nested models: there, each model's
     BatchNormalization layers come first (by their counter), then its nested models, depth first.
     """
-    entries = None
-    if zipfile.is_zipfile(path):
+    if zipfile.is_zipfile(path):  # each layer checked against its config, as load_keras does
         config, weights = _read_archive(path)
-        entries = [h5_path for _, h5_path, _ in _config_layers(config)]
+        with weights:
+            layers = {
+                h5_path: _layer(path, h5_path, layer, weights) for _, h5_path, layer in _config_layers(config, path)
+            }
+        variables = {h5_path: list(layer.state_dict().values()) for h5_path, layer in layers.items()}
     else:
-        weights = _open_hdf5(path, path)
-    with weights:
-        if entries is None:
-            entries = list(_hdf5_entries(weights))
-        variables = {h5_path: _variables(weights, h5_path, path) for h5_path in entries}
+        with _open_hdf5(path, path) as weights:
+            variables = {h5_path: _variables(weights, h5_path, path) for h5_path in _hdf5_entries(weights)}
+    entries = list(variables)
     if not entries:
         raise ValueError(f"{os.fspath(path)}: the file holds no BatchNormalization layer")
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, BatchNormalization)]
@@ -166,6 +167,8 @@ def _open_hdf5(source, path):
     h5py = _h5py()
     try:
         return h5py.File(source, "r")
+    except FileNotFoundError:
+        raise
     except OSError as error:
         raise ValueError(f"{os.fspath(path)}: not an HDF5 file (a Keras .weights.h5): {error}") from error
 
@@ -193,9 +196,16 @@ def _snake_case(name: str) -> str:
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _config_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> Iterator[tuple[str, str, dict]]:
+def _config_layers(config: dict, path) -> Iterator[tuple[str, str, dict]]:
     """``(name, HDF5 path, layer config)`` of every BatchNormalization layer of a model's config, in
     Keras's layer order, depth first into nested models (whose configs list their layers)."""
+    try:
+        yield from _model_layers(config)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{os.fspath(path)}: config.json is not a Keras model's config ({error!r})") from error
+
+
+def _model_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> Iterator[tuple[str, str, dict]]:
     used: dict[str, int] = {}
     for layer in config.get("config", {}).get("layers", []):
         key = _snake_case(layer["class_name"])
@@ -205,7 +215,7 @@ def _config_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> 
         if layer["class_name"] == _CLASS:
             yield name, h5_path, layer
         elif isinstance(layer["config"].get("layers"), list):
-            yield from _config_layers(layer, h5_path + "/", name + "/")
+            yield from _model_layers(layer, h5_path + "/", name + "/")
 
 
 def _hdf5_entries(group, prefix: str = "") -> Iterator[str]:
@@ -232,10 +242,11 @@ def _base(key: str) -> str:
 
 def _variables(weights, h5_path: str, path) -> list[torch.Tensor]:
     """The variables ``vars/0``, ``vars/1``, ... of the layer at ``h5_path``, as tensors."""
-    if f"{h5_path}/vars" not in weights:
-        raise ValueError(f"{os.fspath(path)}: no variables at {h5_path}/vars (not a Keras 3 weights layout)")
-    group = weights[f"{h5_path}/vars"]
-    return [torch.as_tensor(group[str(index)][()]) for index in range(len(group))]
+    group = weights.get(f"{h5_path}/vars")
+    keys = [str(index) for index in range(len(group))] if group is not None else []
+    if group is None or sorted(group) != sorted(keys) or not all(isinstance(group[k], _h5py().Dataset) for k in keys):
+        raise ValueError(f"{os.fspath(path)}: no variables 0, 1, ... at {h5_path}/vars (not a Keras 3 weights layout)")
+    return [torch.as_tensor(group[key][()]) for key in keys]
 
 
 def _misfit(layer: BatchNormalization, variables: list[torch.Tensor]) -> list[str]:
