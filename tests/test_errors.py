@@ -452,3 +452,20 @@ def test_failed_calls_in_sequence_leave_a_trained_layer_intact():
     # Still usable afterwards.
     bn(torch.randn(5, 3, 4), training=True, mask=torch.ones(5, 4))
     assert not torch.equal(bn.moving_mean, before["moving_mean"])
+
+
+def test_build_on_a_built_layer_checks_the_shape_and_writes_nothing():
+    layer = BatchNormalization(axis=1, moving_mean_initializer="random_normal")
+    layer.build((2, 3, 4))
+    before = snapshot(layer)
+    for shape in [(2, 5, 4), (2, 3, 4, 4)]:
+        with pytest.raises(ValueError, match=r"built for channel sizes \(3,\) and rank 3"):
+            layer.build(shape)
+    layer.build((7, 3, 9))  # the same channels and rank: nothing to do
+    assert_state_equal(before, layer)
+    loaded = BatchNormalization(axis=1)
+    loaded.load_state_dict(layer.state_dict())  # built, its rank not fixed yet
+    with pytest.raises(ValueError, match=r"built for channel sizes \(3,\), received"):
+        loaded.build((2, 4))
+    loaded.build((2, 3, 5, 5))
+    assert loaded(torch.randn(2, 3, 5, 5)).shape == (2, 3, 5, 5)

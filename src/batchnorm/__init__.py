@@ -2,11 +2,13 @@
 
 Public API: :class:`BatchNormalization`, the tree helpers :func:`set_trainable`,
 :func:`regularization_loss` and :func:`apply_constraints`, the R-style constructor
-:func:`layer_batch_normalization`, and the Keras-named object modules :mod:`initializers`,
-:mod:`regularizers`, :mod:`constraints`.
+:func:`layer_batch_normalization`, Keras migration (:func:`from_keras`, :func:`to_keras`,
+:func:`load_keras`, :func:`load_keras_weights`), and the Keras-named object modules
+:mod:`initializers`, :mod:`regularizers`, :mod:`constraints`.
 """
 
 from . import constraints, initializers, regularizers
+from .keras_io import from_keras, load_keras, load_keras_weights, to_keras
 from .layer import BatchNormalization
 from .tree import apply_constraints, layer_batch_normalization, regularization_loss, set_trainable
 
@@ -16,6 +18,10 @@ __all__ = [
     "regularization_loss",
     "apply_constraints",
     "layer_batch_normalization",
+    "from_keras",
+    "to_keras",
+    "load_keras",
+    "load_keras_weights",
     "initializers",
     "regularizers",
     "constraints",

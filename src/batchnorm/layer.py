@@ -466,7 +466,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
         Fixes the rank and the weights' shape, the sizes on the channel axes (``(C,)`` for one,
         ``C = input_shape[axis]``). The weights are the uninitialized ones materialized in place,
         where they are (``device=``, a ``torch.device`` context at construction, or a later
-        ``.to()``; default CPU) and in their dtype.
+        ``.to()``; default CPU) and in their dtype. On a built layer it checks ``input_shape``
+        against the weights (and the rank, once fixed): ``ValueError`` where they differ.
         """
         input_shape = tuple(input_shape)
         channels = tuple(input_shape[a] for a in self._channel_axes(input_shape))
@@ -474,6 +475,13 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             raise ValueError(
                 f"the channel dimensions must be known to build, received input_shape={input_shape} "
                 f"with axis={self.axis}"
+            )
+        built_rank = None if self._built_shape is None else len(self._built_shape)
+        if self.built and (channels != tuple(self.moving_variance.shape) or built_rank not in (None, len(input_shape))):
+            raise ValueError(
+                f"this layer is built for channel sizes {tuple(self.moving_variance.shape)}"
+                + ("" if built_rank is None else f" and rank {built_rank}")
+                + f", received input_shape={input_shape} with axis={self.axis}"
             )
         self._materialize(channels)
         self._built_shape = input_shape

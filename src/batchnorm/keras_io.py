@@ -1,0 +1,270 @@
+"""Keras's BatchNormalization across: live Keras layers both ways, Keras 3 files in (SPEC section 13).
+
+Keras 3 saves a model as a ``.keras`` zip archive holding ``config.json`` (the architecture: every
+layer's ``get_config()``, nested models inside their parents) and ``model.weights.h5``, or saves
+the weights alone as a ``.weights.h5`` file. In the HDF5 file a layer's variables are the datasets
+``layers/<key>/vars/0``, ``vars/1``, ... in the layer's weight order, where ``<key>`` is the snake
+case of its class name with a counter per class within its model (``batch_normalization``,
+``batch_normalization_1``, ...), and a nested model's layers sit under ``layers/<key>/layers/``.
+The ``vars`` group's attribute ``name`` holds the layer's own name.
+
+Files are read with :mod:`zipfile`, :mod:`json` and ``h5py`` (the ``batchnorm[keras]`` extra):
+Keras is not imported, and nothing named in a file is imported or run (configs go through
+:meth:`BatchNormalization.from_config`, which resolves built-in identifiers only).
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import zipfile
+import zlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from torch import nn
+
+from .layer import BatchNormalization
+
+__all__ = ["from_keras", "to_keras", "load_keras", "load_keras_weights"]
+
+_CLASS = "BatchNormalization"
+_KEY = "batch_normalization"  # the snake case of _CLASS: the HDF5 key of its layers, with _<k> after the first
+
+
+# ------------------------------------------------------------------------------- live layers
+
+
+def from_keras(layer: Any) -> BatchNormalization:
+    """A live ``keras.layers.BatchNormalization`` (any Keras 3 backend) as our layer: its config and weights.
+
+    Built (for the Keras layer's input shape) with every weight copied, renorm's included, when
+    the Keras layer is built; unbuilt, like it, otherwise.
+    """
+    ours = BatchNormalization.from_config(layer.get_config())
+    if layer.built:
+        ours.build(layer.get_build_config()["input_shape"])
+        # through float64: exact for every float dtype, bfloat16 included (which NumPy lacks)
+        state = {name: torch.from_numpy(getattr(layer, name).numpy().astype("float64")) for name in ours._weights()}
+        ours.load_state_dict(state)
+    return ours
+
+
+def to_keras(layer: BatchNormalization) -> Any:
+    """Our layer as a live ``keras.layers.BatchNormalization``: its config and, when built, every weight.
+
+    Needs Keras 3 (``ImportError`` otherwise). ``ValueError`` for what Keras 3's layer cannot hold:
+    several axes, ghost batches (tf-keras only) and ``synchronized=True`` off the TensorFlow backend.
+    """
+    try:
+        import keras
+    except ImportError as error:
+        raise ImportError("to_keras needs Keras 3: pip install keras (with a backend: KERAS_BACKEND=torch)") from error
+    config = layer.get_config()
+    unsupported = []
+    if isinstance(config["axis"], list):
+        unsupported.append(f"axis={config['axis']} (several axes)")
+    if "virtual_batch_size" in config:
+        unsupported.append(f"virtual_batch_size={config['virtual_batch_size']}")
+    if config["synchronized"] and keras.backend.backend() != "tensorflow":
+        unsupported.append(f"synchronized=True on Keras's {keras.backend.backend()} backend")
+    if unsupported:
+        raise ValueError(f"Keras 3's BatchNormalization cannot hold {', '.join(unsupported)} (layer {layer.name!r})")
+    keras_layer = keras.layers.BatchNormalization.from_config(config)
+    if layer.built:
+        keras_layer.build(_input_shape(layer))
+        for name in layer._weights():
+            getattr(keras_layer, name).assign(getattr(layer, name).detach().cpu().double().numpy())
+    return keras_layer
+
+
+def _input_shape(layer: BatchNormalization) -> tuple:
+    """The shape ``layer`` was built for, or the smallest that puts its channels on its axis (``None`` elsewhere)."""
+    if layer._built_shape is not None:
+        return layer._built_shape
+    axis, channels = layer.axis, layer.moving_variance.shape[0]
+    rank = axis + 1 if axis >= 0 else -axis
+    shape = [None] * rank
+    shape[axis] = channels
+    return tuple(shape)
+
+
+# ------------------------------------------------------------------------------------- files
+
+
+def load_keras(path: str | os.PathLike) -> dict[str, BatchNormalization]:
+    """Every BatchNormalization layer of a Keras 3 ``.keras`` archive, built with its config and weights.
+
+    Returns ``{name: layer}`` in Keras's layer order, nested models included: a nested layer's name
+    is prefixed by its models' names, joined by ``/`` (``"backbone/bn_3"``; the outer model's own
+    name is left out). ``ValueError`` naming the path for a file that is not such an archive, whose
+    weights do not fit their configs, or that holds no BatchNormalization layer.
+    """
+    config, weights = _read_archive(path)
+    with weights:
+        layers = {name: _layer(path, h5_path, layer, weights) for name, h5_path, layer in _config_layers(config)}
+    if not layers:
+        raise ValueError(f"{os.fspath(path)}: the model holds no BatchNormalization layer")
+    return layers
+
+
+def load_keras_weights(model: nn.Module, path: str | os.PathLike) -> list[tuple[str, str]]:
+    """Assign a Keras file's BatchNormalization weights to ``model``'s ``BatchNormalization`` modules.
+
+    ``path`` is a ``.weights.h5`` file or a ``.keras`` archive. The file's layers, in Keras's layer
+    order (creation order: ``batch_normalization_10`` after ``batch_normalization_9``), go to the
+    modules in ``model.named_modules()`` order. All or nothing: every count or shape mismatch is
+    listed in one ``ValueError`` and nothing is written. Returns the ``(module name, HDF5 path)`` pairs.
+
+    A ``.keras`` archive gives the exact order from its config. A ``.weights.h5`` file records no
+    order between a model's own layers and its nested models: there, each model's
+    BatchNormalization layers come first (by their counter), then its nested models, depth first.
+    """
+    entries = None
+    if zipfile.is_zipfile(path):
+        config, weights = _read_archive(path)
+        entries = [h5_path for _, h5_path, _ in _config_layers(config)]
+    else:
+        weights = _open_hdf5(path, path)
+    with weights:
+        if entries is None:
+            entries = list(_hdf5_entries(weights))
+        variables = {h5_path: _variables(weights, h5_path, path) for h5_path in entries}
+    if not entries:
+        raise ValueError(f"{os.fspath(path)}: the file holds no BatchNormalization layer")
+    modules = [(name, m) for name, m in model.named_modules() if isinstance(m, BatchNormalization)]
+    problems = (
+        []
+        if len(entries) == len(modules)
+        else [f"the file has {len(entries)} BatchNormalization layers, the model {len(modules)}"]
+    )
+    for (name, module), h5_path in zip(modules, entries):
+        problems += [f"{name or 'model'} <- {h5_path}: {problem}" for problem in _misfit(module, variables[h5_path])]
+    if problems:
+        raise ValueError(f"{os.fspath(path)}: the weights do not fit the model:\n  " + "\n  ".join(problems))
+    for (_, module), h5_path in zip(modules, entries):
+        module.load_state_dict(dict(zip(module._weights(), variables[h5_path])))
+    return [(name, h5_path) for (name, _), h5_path in zip(modules, entries)]
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+def _h5py():
+    try:
+        import h5py
+    except ImportError as error:
+        raise ImportError('reading Keras files needs h5py: pip install "batchnorm[keras]"') from error
+    return h5py
+
+
+def _open_hdf5(source, path):
+    """``source`` (a path or a file object) opened read-only; ``ValueError`` naming ``path`` if not HDF5."""
+    h5py = _h5py()
+    try:
+        return h5py.File(source, "r")
+    except OSError as error:
+        raise ValueError(f"{os.fspath(path)}: not an HDF5 file (a Keras .weights.h5): {error}") from error
+
+
+def _read_archive(path) -> tuple[dict, Any]:
+    """The ``config.json`` and the open ``model.weights.h5`` of a ``.keras`` archive."""
+    _h5py()  # the missing dependency before the file's problems
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            missing = sorted({"config.json", "model.weights.h5"} - names)
+            if missing:
+                raise ValueError(f"{os.fspath(path)}: not a Keras 3 .keras archive, it lacks {', '.join(missing)}")
+            config = json.loads(archive.read("config.json"))
+            weights = archive.read("model.weights.h5")
+    except (zipfile.BadZipFile, zlib.error, EOFError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"{os.fspath(path)}: not a readable Keras .keras archive (a zip file): {error}") from error
+    return config, _open_hdf5(io.BytesIO(weights), path)
+
+
+def _snake_case(name: str) -> str:
+    """A class name as Keras keys its layers in weight files (``Conv2D`` -> ``conv2d``)."""
+    name = re.sub(r"\W+", "", name)
+    name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
+
+
+def _config_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> Iterator[tuple[str, str, dict]]:
+    """``(name, HDF5 path, layer config)`` of every BatchNormalization layer of a model's config, in
+    Keras's layer order, depth first into nested models (whose configs list their layers)."""
+    used: dict[str, int] = {}
+    for layer in config.get("config", {}).get("layers", []):
+        key = _snake_case(layer["class_name"])
+        used[key] = used.get(key, -1) + 1
+        h5_path = f"{h5_prefix}layers/{key}" + (f"_{used[key]}" if used[key] else "")
+        name = name_prefix + layer["config"]["name"]
+        if layer["class_name"] == _CLASS:
+            yield name, h5_path, layer
+        elif isinstance(layer["config"].get("layers"), list):
+            yield from _config_layers(layer, h5_path + "/", name + "/")
+
+
+def _hdf5_entries(group, prefix: str = "") -> Iterator[str]:
+    """The HDF5 paths of the BatchNormalization layers of a weights file: each model's own, by their
+    counter, then its nested models' (those with ``layers`` of their own), depth first."""
+    if "layers" not in group:
+        return
+    keys = list(group["layers"])
+    for key in sorted((k for k in keys if re.fullmatch(rf"{_KEY}(_\d+)?", k)), key=_counter):
+        yield f"{prefix}layers/{key}"
+    for key in sorted((k for k in keys if "layers" in group["layers"][k]), key=lambda k: (_base(k), _counter(k))):
+        yield from _hdf5_entries(group["layers"][key], f"{prefix}layers/{key}/")
+
+
+def _counter(key: str) -> int:
+    """Keras's per-class counter in a key: 0 for ``batch_normalization``, k for ``batch_normalization_k``."""
+    match = re.search(r"_(\d+)$", key)
+    return int(match.group(1)) if match and _base(key) != key else 0
+
+
+def _base(key: str) -> str:
+    return re.sub(r"_\d+$", "", key)
+
+
+def _variables(weights, h5_path: str, path) -> list[torch.Tensor]:
+    """The variables ``vars/0``, ``vars/1``, ... of the layer at ``h5_path``, as tensors."""
+    if f"{h5_path}/vars" not in weights:
+        raise ValueError(f"{os.fspath(path)}: no variables at {h5_path}/vars (not a Keras 3 weights layout)")
+    group = weights[f"{h5_path}/vars"]
+    return [torch.as_tensor(group[str(index)][()]) for index in range(len(group))]
+
+
+def _misfit(layer: BatchNormalization, variables: list[torch.Tensor]) -> list[str]:
+    """What keeps ``variables`` (in Keras's order) from loading into ``layer``, in words; nothing if they fit."""
+    names = list(layer._weights())
+    if len(variables) != len(names):
+        return [f"{len(variables)} variables in the file, the layer has {len(names)} ({', '.join(names)})"]
+    if layer.built:
+        expected = [tuple(getattr(layer, name).shape) for name in names]
+    else:  # all alike, with one dimension per channel axis
+        rank = 1 if isinstance(layer.axis, int) else len(layer.axis)
+        first = tuple(variables[0].shape)
+        expected = [first if len(first) == rank else (None,) * rank] * len(names)
+    return [
+        f"{name} has shape {tuple(v.shape)} in the file, {shape} in the layer"
+        for name, v, shape in zip(names, variables, expected)
+        if tuple(v.shape) != shape
+    ]
+
+
+def _layer(path, h5_path: str, layer_config: dict, weights) -> BatchNormalization:
+    """One BatchNormalization of an archive: from its config, built, with its variables."""
+    layer = BatchNormalization.from_config(layer_config["config"])
+    input_shape = layer_config.get("build_config", {}).get("input_shape")
+    if input_shape is not None:
+        layer.build(input_shape)
+    variables = _variables(weights, h5_path, path)
+    problems = _misfit(layer, variables)
+    if problems:
+        raise ValueError(f"{os.fspath(path)}: the weights at {h5_path} do not fit its config: {'; '.join(problems)}")
+    layer.load_state_dict(dict(zip(layer._weights(), variables)))
+    return layer
