@@ -11,6 +11,13 @@ from the live Keras models (``walk``), and checked against the files themselves
 * ``.weights.h5`` order: within each model its BatchNormalization layers, then its nested models
   (an ``.h5`` file does not record how the two interleave);
 * HDF5 groups are ``layers/<snake_case(class)>[_k]`` with ``k`` counted per class within a model.
+
+Covered: ``load_keras`` (names, order, configs, weights bit for bit, inference outputs; Keras not
+imported), ``load_keras_weights`` for both file kinds (pairs, weights, built and unbuilt modules;
+count, shape and variable-count mismatches all listed, all or nothing), ``from_keras``/``to_keras``
+round trips both ways (built and unbuilt, renorm and dtype variants) and what ``to_keras`` refuses,
+bad files of every kind (ValueError naming the path; nothing written to the model or beside the
+file), a missing file (FileNotFoundError, docs/behaviour.md section 15), and h5py or Keras missing.
 """
 
 from __future__ import annotations
@@ -48,8 +55,10 @@ ATOL = 1e-5
 
 
 def snake_case(name: str) -> str:
+    """As keras.src.utils.naming.to_snake_case."""
+    name = re.sub(r"\W+", "", name)
     name = re.sub(r"(.)([A-Z][a-z]+)", r"\1_\2", name)
-    return re.sub(r"([a-z0-9])([A-Z])", r"\1_\2", name).lower()
+    return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
 @dataclass
@@ -420,6 +429,23 @@ def test_load_keras_weights_assigns_in_keras_order(keras_files, model_name, kind
         assert torch.equal(after[key], value), key
 
 
+@pytest.mark.parametrize("kind", ["keras", "weights.h5"])
+def test_load_keras_weights_into_unbuilt_layers(keras_files, kind):
+    """Unbuilt layers of ours take the file's weights (built by them) and then compute as Keras."""
+    path, entries = file_order(keras_files["conv"], kind)
+    layers = [BatchNormalization.from_config(e.layer.get_config()) for e in entries]
+    pairs = batchnorm.load_keras_weights(Net(layers), path)
+    assert [tuple(p) for p in pairs] == [(module_name(i), e.h5) for i, e in enumerate(entries)]
+    generator = torch.Generator().manual_seed(5)
+    for layer, entry in zip(layers, entries):
+        assert layer.built
+        assert_same_weights(our_weights(layer), keras_weights(entry.layer), entry.name)
+        x = torch.randn(build_shape(entry.layer), generator=generator)
+        with torch.no_grad():
+            actual = layer(x, training=False)
+        torch.testing.assert_close(actual, to_torch(entry.layer(x, training=False)), rtol=0, atol=ATOL)
+
+
 def test_weights_h5_order_differs_from_keras_order(keras_files):
     """Guard: the nested models make the two orders differ, so each file kind is tested for its own."""
     for name in ("nested", "nested_sequential"):
@@ -476,11 +502,11 @@ def test_load_keras_weights_count_mismatch(keras_files, kind, extra):
 
 @pytest.mark.parametrize("kind", ["keras", "weights.h5"])
 def test_load_keras_weights_shape_mismatches_are_all_listed(keras_files, kind):
-    """Layer 2 has 5 channels instead of 4, layer 11 (the last, so a partial write would show) lacks
-    beta: both are listed, and nothing is written."""
+    """Layer 2 has 5 channels instead of 4, layer 11 (the last, so a partial write would show) has
+    beta where the file has none: both are listed, and nothing is written."""
     path, entries = file_order(keras_files["many"], kind)
-    assert entries[11].layer.center and channels(entries[2].layer) == 4
-    net = net_for(entries, {2: {"channels": 5}, 11: {"center": False}})
+    assert not entries[11].layer.center and channels(entries[2].layer) == 4
+    net = net_for(entries, {2: {"channels": 5}, 11: {"center": True}})
     assert_refused(
         lambda: batchnorm.load_keras_weights(net, path),
         path,
@@ -545,8 +571,10 @@ def assert_same_keras_layers(k_new, k_old) -> None:
 
 
 def assert_same_our_layers(new: BatchNormalization, old: BatchNormalization) -> None:
+    """Equal configs (floats to float32 rounding: through Keras, ``L1(0.2)`` comes back as
+    ``L1(0.20000000298023224)``, Keras keeping the factor in float32), flags and weights."""
     assert type(new) is BatchNormalization
-    assert new.get_config() == old.get_config()
+    assert_configs_match(new.get_config(), old.get_config())
     assert new.built == old.built
     if old.built:
         assert_same_weights(our_weights(new), our_weights(old), old.name)
@@ -665,12 +693,15 @@ def edited_weights(source: str, target, edit_h5) -> str:
     return str(target)
 
 
-def drop_variable(group: str, index: int):
+def drop_variable(group: str, index: int, renumber: bool = True):
+    """Delete ``vars/<index>``; renumbered, the keys are 0..n-2 (as a layer with one variable fewer
+    has), else they have a gap."""
+
     def edit(file):
         variables = file[group + "/vars"]
         count = len(variables)
         del variables[str(index)]
-        for i in range(index + 1, count):  # keep the keys 0..n-2, as a layer with one variable fewer has
+        for i in range(index + 1, count if renumber else index + 1):
             variables.move(str(i), str(i - 1))
 
     return edit
@@ -682,6 +713,14 @@ def reshape_variable(group: str, index: int):
         value = np.asarray(variables[str(index)])
         del variables[str(index)]
         variables[str(index)] = np.concatenate([value, value[:1]])
+
+    return edit
+
+
+def variable_as_group(group: str, index: int):
+    def edit(file):
+        del file[f"{group}/vars/{index}"]
+        file[f"{group}/vars"].create_group(str(index))
 
     return edit
 
@@ -708,6 +747,23 @@ def find_layer_config(config: dict, name: str) -> dict:
         if found is not None:
             return found
     return None
+
+
+def strip_layer_config(name: str):
+    """The serialized BatchNormalization ``name`` without its "config" (class_name only)."""
+
+    def edit(config):
+        def strip(node):
+            if isinstance(node, dict):
+                if node.get("class_name") == "BatchNormalization" and node.get("config", {}).get("name") == name:
+                    del node["config"]
+                    return True
+                return any(strip(v) for v in node.values())
+            return isinstance(node, list) and any(strip(v) for v in node)
+
+        assert strip(config), name
+
+    return edit
 
 
 def set_layer_config(name: str, **changes):
@@ -753,9 +809,13 @@ def bad_file(kind: str, keras_files, directory) -> tuple[str, Saved]:
         "h5_in_keras_not_hdf5": lambda: rezip(source, target, replace={"model.weights.h5": b"not hdf5" * 100}),
         "no_config": lambda: rezip(source, target, drop=["config.json"]),
         "config_not_json": lambda: rezip(source, target, replace={"config.json": b"{not json"}),
+        "config_not_a_model": lambda: rezip(source, target, replace={"config.json": b"[1, 2]"}),
+        "config_layer_without_config": lambda: edited_keras(source, target, edit_config=strip_layer_config("bn_s1")),
+        "variable_is_a_group": lambda: edited_keras(source, target, edit_h5=variable_as_group(bn_s1, 0)),
         "no_weights": lambda: rezip(source, target, drop=["model.weights.h5"]),
         "variable_dropped": lambda: edited_keras(source, target, edit_h5=drop_variable(bn_s1, 3)),
         "renorm_variable_dropped": lambda: edited_keras(source, target, edit_h5=drop_variable(bn_f2, 6)),
+        "variable_gap": lambda: edited_keras(source, target, edit_h5=drop_variable(bn_s1, 1, renumber=False)),
         "variable_reshaped": lambda: edited_keras(source, target, edit_h5=reshape_variable(bn_s1, 2)),
         "group_dropped": lambda: edited_keras(source, target, edit_h5=drop_group(bn_f2)),
         # The config says 3 variables, the file holds 4; 4 and 7.
@@ -783,9 +843,13 @@ KERAS_BAD = [
     "h5_in_keras_not_hdf5",
     "no_config",
     "config_not_json",
+    "config_not_a_model",
+    "config_layer_without_config",
     "no_weights",
     "variable_dropped",
     "renorm_variable_dropped",
+    "variable_gap",
+    "variable_is_a_group",
     "variable_reshaped",
     "group_dropped",
     "config_center_off",
@@ -819,11 +883,19 @@ def test_bad_files_are_bad_only_where_edited(keras_files, scratch):
     assert len(batchnorm.load_keras_weights(net_for(nested.walk.h5_order), copy)) == len(nested.walk.h5_order)
 
 
-def test_missing_file_is_refused(scratch):
-    path = str(scratch / "absent.keras")
-    with pytest.raises((ValueError, FileNotFoundError, OSError)) as raised:
-        batchnorm.load_keras(path)
-    assert path in str(raised.value)
+@pytest.mark.parametrize("name", ["absent.keras", "absent.weights.h5"])
+def test_missing_file_is_file_not_found(keras_files, scratch, name):
+    """docs/behaviour.md section 15: a missing file is a FileNotFoundError (for both functions)."""
+    path = str(scratch / name)
+    nested = keras_files["nested"]
+    net = net_for(nested.walk.keras_order)
+    before = snapshot(net)
+    for call in (lambda: batchnorm.load_keras(path), lambda: batchnorm.load_keras_weights(net, path)):
+        with pytest.raises(FileNotFoundError) as raised:
+            call()
+        assert path in str(raised.value)
+    assert_state_equal(before, net)
+    assert os.listdir(scratch) == []
 
 
 # ------------------------------------------------------------------------------ without h5py
