@@ -103,9 +103,7 @@ def load_keras(path: str | os.PathLike) -> dict[str, BatchNormalization]:
     name is left out). ``ValueError`` naming the path for a file that is not such an archive, whose
     weights do not fit their configs, or that holds no BatchNormalization layer.
     """
-    config, weights = _read_archive(path)
-    with weights:
-        layers = {name: _layer(path, h5_path, layer, weights) for name, h5_path, layer in _config_layers(config, path)}
+    layers = {name: layer for name, _, layer in _archive_layers(path)}
     if not layers:
         raise ValueError(f"{os.fspath(path)}: the model holds no BatchNormalization layer")
     return layers
@@ -124,12 +122,7 @@ def load_keras_weights(model: nn.Module, path: str | os.PathLike) -> list[tuple[
     BatchNormalization layers come first (by their counter), then its nested models, depth first.
     """
     if zipfile.is_zipfile(path):  # each layer checked against its config, as load_keras does
-        config, weights = _read_archive(path)
-        with weights:
-            layers = {
-                h5_path: _layer(path, h5_path, layer, weights) for _, h5_path, layer in _config_layers(config, path)
-            }
-        variables = {h5_path: list(layer.state_dict().values()) for h5_path, layer in layers.items()}
+        variables = {h5_path: list(layer.state_dict().values()) for _, h5_path, layer in _archive_layers(path)}
     else:
         with _open_hdf5(path, path) as weights:
             variables = {h5_path: _variables(weights, h5_path, path) for h5_path in _hdf5_entries(weights)}
@@ -137,11 +130,9 @@ def load_keras_weights(model: nn.Module, path: str | os.PathLike) -> list[tuple[
     if not entries:
         raise ValueError(f"{os.fspath(path)}: the file holds no BatchNormalization layer")
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, BatchNormalization)]
-    problems = (
-        []
-        if len(entries) == len(modules)
-        else [f"the file has {len(entries)} BatchNormalization layers, the model {len(modules)}"]
-    )
+    problems = []
+    if len(entries) != len(modules):
+        problems.append(f"the file has {len(entries)} BatchNormalization layers, the model {len(modules)}")
     for (name, module), h5_path in zip(modules, entries):
         problems += [f"{name or 'model'} <- {h5_path}: {problem}" for problem in _misfit(module, variables[h5_path])]
     if problems:
@@ -160,6 +151,13 @@ def _h5py():
     except ImportError as error:
         raise ImportError('reading Keras files needs h5py: pip install "batchnorm[keras]"') from error
     return h5py
+
+
+def _archive_layers(path) -> list[tuple[str, str, BatchNormalization]]:
+    """``(name, HDF5 path, layer)`` of every BatchNormalization of a ``.keras`` archive, built with its weights."""
+    config, weights = _read_archive(path)
+    with weights:
+        return [(name, at, _layer(path, at, layer, weights)) for name, at, layer in _config_layers(config, path)]
 
 
 def _open_hdf5(source, path):
