@@ -103,9 +103,7 @@ def load_keras(path: str | os.PathLike) -> dict[str, BatchNormalization]:
     name is left out). ``ValueError`` naming the path for a file that is not such an archive, whose
     weights do not fit their configs, or that holds no BatchNormalization layer.
     """
-    config, weights = _read_archive(path)
-    with weights:
-        layers = {name: _layer(path, h5_path, layer, weights) for name, h5_path, layer in _config_layers(config)}
+    layers = {name: layer for name, _, layer in _archive_layers(path)}
     if not layers:
         raise ValueError(f"{os.fspath(path)}: the model holds no BatchNormalization layer")
     return layers
@@ -123,24 +121,18 @@ def load_keras_weights(model: nn.Module, path: str | os.PathLike) -> list[tuple[
     order between a model's own layers and its nested models: there, each model's
     BatchNormalization layers come first (by their counter), then its nested models, depth first.
     """
-    entries = None
-    if zipfile.is_zipfile(path):
-        config, weights = _read_archive(path)
-        entries = [h5_path for _, h5_path, _ in _config_layers(config)]
+    if zipfile.is_zipfile(path):  # each layer checked against its config, as load_keras does
+        variables = {h5_path: list(layer.state_dict().values()) for _, h5_path, layer in _archive_layers(path)}
     else:
-        weights = _open_hdf5(path, path)
-    with weights:
-        if entries is None:
-            entries = list(_hdf5_entries(weights))
-        variables = {h5_path: _variables(weights, h5_path, path) for h5_path in entries}
+        with _open_hdf5(path, path) as weights:
+            variables = {h5_path: _variables(weights, h5_path, path) for h5_path in _hdf5_entries(weights)}
+    entries = list(variables)
     if not entries:
         raise ValueError(f"{os.fspath(path)}: the file holds no BatchNormalization layer")
     modules = [(name, m) for name, m in model.named_modules() if isinstance(m, BatchNormalization)]
-    problems = (
-        []
-        if len(entries) == len(modules)
-        else [f"the file has {len(entries)} BatchNormalization layers, the model {len(modules)}"]
-    )
+    problems = []
+    if len(entries) != len(modules):
+        problems.append(f"the file has {len(entries)} BatchNormalization layers, the model {len(modules)}")
     for (name, module), h5_path in zip(modules, entries):
         problems += [f"{name or 'model'} <- {h5_path}: {problem}" for problem in _misfit(module, variables[h5_path])]
     if problems:
@@ -161,11 +153,20 @@ def _h5py():
     return h5py
 
 
+def _archive_layers(path) -> list[tuple[str, str, BatchNormalization]]:
+    """``(name, HDF5 path, layer)`` of every BatchNormalization of a ``.keras`` archive, built with its weights."""
+    config, weights = _read_archive(path)
+    with weights:
+        return [(name, at, _layer(path, at, layer, weights)) for name, at, layer in _config_layers(config, path)]
+
+
 def _open_hdf5(source, path):
     """``source`` (a path or a file object) opened read-only; ``ValueError`` naming ``path`` if not HDF5."""
     h5py = _h5py()
     try:
         return h5py.File(source, "r")
+    except FileNotFoundError:
+        raise
     except OSError as error:
         raise ValueError(f"{os.fspath(path)}: not an HDF5 file (a Keras .weights.h5): {error}") from error
 
@@ -193,9 +194,16 @@ def _snake_case(name: str) -> str:
     return re.sub(r"([a-z])([A-Z])", r"\1_\2", name).lower()
 
 
-def _config_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> Iterator[tuple[str, str, dict]]:
+def _config_layers(config: dict, path) -> Iterator[tuple[str, str, dict]]:
     """``(name, HDF5 path, layer config)`` of every BatchNormalization layer of a model's config, in
     Keras's layer order, depth first into nested models (whose configs list their layers)."""
+    try:
+        yield from _model_layers(config)
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ValueError(f"{os.fspath(path)}: config.json is not a Keras model's config ({error!r})") from error
+
+
+def _model_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> Iterator[tuple[str, str, dict]]:
     used: dict[str, int] = {}
     for layer in config.get("config", {}).get("layers", []):
         key = _snake_case(layer["class_name"])
@@ -205,7 +213,7 @@ def _config_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> 
         if layer["class_name"] == _CLASS:
             yield name, h5_path, layer
         elif isinstance(layer["config"].get("layers"), list):
-            yield from _config_layers(layer, h5_path + "/", name + "/")
+            yield from _model_layers(layer, h5_path + "/", name + "/")
 
 
 def _hdf5_entries(group, prefix: str = "") -> Iterator[str]:
@@ -232,10 +240,11 @@ def _base(key: str) -> str:
 
 def _variables(weights, h5_path: str, path) -> list[torch.Tensor]:
     """The variables ``vars/0``, ``vars/1``, ... of the layer at ``h5_path``, as tensors."""
-    if f"{h5_path}/vars" not in weights:
-        raise ValueError(f"{os.fspath(path)}: no variables at {h5_path}/vars (not a Keras 3 weights layout)")
-    group = weights[f"{h5_path}/vars"]
-    return [torch.as_tensor(group[str(index)][()]) for index in range(len(group))]
+    group = weights.get(f"{h5_path}/vars")
+    keys = [str(index) for index in range(len(group))] if group is not None else []
+    if group is None or sorted(group) != sorted(keys) or not all(isinstance(group[k], _h5py().Dataset) for k in keys):
+        raise ValueError(f"{os.fspath(path)}: no variables 0, 1, ... at {h5_path}/vars (not a Keras 3 weights layout)")
+    return [torch.as_tensor(group[key][()]) for key in keys]
 
 
 def _misfit(layer: BatchNormalization, variables: list[torch.Tensor]) -> list[str]:
