@@ -72,7 +72,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from batchnorm import BatchNormalization, load_keras_weights  # noqa: E402
-from batchnorm.demo import load_digits_images  # noqa: E402
+from batchnorm.demo import load_digits_images, single_thread  # noqa: E402
 
 TOLERANCE = 1e-4  # the largest |Keras logit - PyTorch logit| on the test set that counts as the same model
 BATCH_SIZE = 32
@@ -249,14 +249,8 @@ def run(args: argparse.Namespace) -> dict:
     (str), ``train_seconds``, ``logits_gap`` and ``softmax_gap`` (largest absolute differences on the
     test set), ``keras_accuracy``, ``torch_accuracy``, ``same_predictions`` (how many test images
     get the same class), ``n_test``, ``bn_pairs``, ``kernel_pairs``, ``torch_model``, ``keras_model``."""
-    threads = torch.get_num_threads()
-    # Batches of 32 8x8 images are too small for intra-op parallelism: Keras's training took 2.7 s on
-    # one thread, and 2.5 s to 16 s on two, which wait for each other when the cores are busy.
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # see batchnorm.demo.single_thread
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> dict:

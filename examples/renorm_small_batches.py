@@ -60,7 +60,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchnorm import BatchNormalization
-from batchnorm.demo import NHWC, GlobalAvgPoolNHWC, accuracy, bn_layers, load_digits_images, shuffled_batches
+from batchnorm.demo import (
+    NHWC,
+    GlobalAvgPoolNHWC,
+    accuracy,
+    bn_layers,
+    load_digits_images,
+    shuffled_batches,
+    single_thread,
+)
 
 LR = 1e-3  # Adam's learning rate: constant, or the peak of the one-cycle schedule (as the demo)
 RENORM = {
@@ -180,14 +188,8 @@ def run(args: argparse.Namespace) -> dict:
     """Train both variants; print the table; write the figure. Returns, per variant ("plain",
     "renorm"): ``history`` (per-epoch accuracies, and seconds), ``test`` (the final model's test
     accuracies, see ``final_accuracies``) and ``model``; and ``png``, the figure's path (str)."""
-    threads = torch.get_num_threads()
-    # Batches of 4 are too small for intra-op parallelism: one thread is as fast, and several are
-    # 10x slower on a machine whose cores are busy with other work (they wait for each other).
-    torch.set_num_threads(1)
-    try:
+    with single_thread():  # see batchnorm.demo.single_thread
         return _run(args)
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace) -> dict:

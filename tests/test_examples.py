@@ -36,15 +36,24 @@ def renorm_example():
     return _load("renorm_small_batches")
 
 
+KERAS_NUMPY_WARNING = "__array__ implementation doesn't accept a copy keyword"
+
+
+def _quick_run(example, tmp_path_factory):
+    """(out_dir, args, result, printed text) of one ``--quick`` run of ``example`` (Keras's NumPy 2
+    deprecation warning, which the port's Keras side triggers, silenced)."""
+    out = tmp_path_factory.mktemp("out")
+    args = example.parse_args(["--quick", "--seed", "1", "--out-dir", str(out)])
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", KERAS_NUMPY_WARNING, DeprecationWarning)
+        result = example.run(args)
+    return out, args, result, printed.getvalue()
+
+
 @pytest.fixture(scope="module")
 def quick_run(renorm_example, tmp_path_factory):
-    """(out_dir, args, result, printed text) of one --quick run."""
-    out = tmp_path_factory.mktemp("renorm-out")
-    args = renorm_example.parse_args(["--quick", "--seed", "1", "--out-dir", str(out)])
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        result = renorm_example.run(args)
-    return out, args, result, printed.getvalue()
+    return _quick_run(renorm_example, tmp_path_factory)
 
 
 def test_quick_run_writes_the_png(quick_run):
@@ -137,7 +146,6 @@ def test_help_and_bad_arguments(renorm_example, capsys):
 
 
 # Keras 3.15's torch backend converts tensors with np.array(x), which NumPy 2 warns about (Keras's own affair).
-KERAS_NUMPY_WARNING = "__array__ implementation doesn't accept a copy keyword"
 
 
 @pytest.fixture(scope="module")
@@ -148,13 +156,8 @@ def port_example():
 @pytest.fixture(scope="module")
 def port_run(port_example, tmp_path_factory):
     """(out_dir, result, printed text) of one --quick run."""
-    out = tmp_path_factory.mktemp("port-out")
-    args = port_example.parse_args(["--quick", "--seed", "1", "--out-dir", str(out)])
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
-        warnings.filterwarnings("ignore", KERAS_NUMPY_WARNING, DeprecationWarning)
-        result = port_example.run(args)
-    return out, result, printed.getvalue()
+    out, _, result, text = _quick_run(port_example, tmp_path_factory)
+    return out, result, text
 
 
 def test_port_quick_run_matches_keras(port_example, port_run):

@@ -16,6 +16,7 @@ Needs the ``demo`` extra (matplotlib, scikit-learn, tqdm).
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from collections.abc import Callable
@@ -138,6 +139,21 @@ def shuffled_batches(n: int, batch_size: int, generator: torch.Generator):
     perm = torch.randperm(n, generator=generator)
     for start in range(0, n - batch_size + 1, batch_size):
         yield perm[start : start + batch_size]
+
+
+@contextlib.contextmanager
+def single_thread():
+    """PyTorch on one thread inside the block, as it was after it.
+
+    The examples' small batches (4 to 32 tiny images) gain nothing from intra-op threads, and on a
+    machine whose cores are busy with other work the threads wait for each other: up to 10x slower.
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @torch.no_grad()
