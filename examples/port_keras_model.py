@@ -16,8 +16,8 @@
    logits differ by more than 1e-4.
 
 Keras runs on its torch backend: the script sets ``KERAS_BACKEND=torch`` before importing
-``keras`` (Keras reads it once, at import). Keras 3's ``.keras`` format does not depend on the
-backend: a model trained on TensorFlow or JAX loads the same way (only the torch backend runs here).
+``keras`` (Keras reads it once, at import). Keras 3's ``.keras`` format is meant not to depend on
+the backend, but only files written on the torch backend are tested here.
 
 What the port has to get right, beside BatchNormalization:
 
@@ -175,7 +175,10 @@ KERNEL_LAYERS = {"conv2d": nn.Conv2d, "dense": nn.Linear}
 def read_keras_kernels(path: str | Path) -> dict[str, list[tuple[str, list[np.ndarray]]]]:
     """The variables of every Conv2D and Dense layer of a ``.keras`` archive (``[kernel]`` or
     ``[kernel, bias]``), by class (``"conv2d"``, ``"dense"``), each class's layers in the model's
-    order: ``{"conv2d": [("layers/conv2d", [kernel]), ("layers/conv2d_1", [kernel]), ...], ...}``."""
+    order: ``{"conv2d": [("layers/conv2d", [kernel]), ("layers/conv2d_1", [kernel]), ...], ...}``.
+
+    Plain h5py, trusting the file (it is the one this script wrote): ``batchnorm.load_keras_weights``
+    refuses links and data stored outside the file; a reader of files from elsewhere should too."""
     with zipfile.ZipFile(path) as archive:
         weights = io.BytesIO(archive.read("model.weights.h5"))
     found: dict[str, list[tuple[int, str, list[np.ndarray]]]] = {kind: [] for kind in KERNEL_LAYERS}

@@ -912,3 +912,89 @@ def test_without_h5py(keras_files, monkeypatch):
         with pytest.raises(ImportError, match=re.escape("batchnorm[keras]")):
             batchnorm.load_keras_weights(net, path)
     assert_state_equal(before, net)
+
+
+# ----------------------------------------------------- files that Keras writes, read with care
+
+
+def _save(model, path) -> str:
+    for index, weight in enumerate(model.weights):  # every weight its own value, none at its start
+        weight.assign(np.full(weight.shape, index + 1.5, "float32"))
+    model.save(path)
+    return str(path)
+
+
+def test_a_shared_layer_is_read_once_where_keras_saved_it(tmp_path):
+    shared = keras.layers.BatchNormalization(name="shared")
+    inputs = keras.Input((4,))
+    nested = keras.Sequential([keras.Input((4,)), shared], name="nested")
+    path = _save(keras.Model(inputs, nested(shared(inputs))), tmp_path / "shared.keras")
+    layers = batchnorm.load_keras(path)
+    assert list(layers) == ["shared"]
+    torch.testing.assert_close(layers["shared"].moving_mean, torch.from_numpy(shared.moving_mean.numpy()))
+
+
+@pytest.mark.parametrize("policy", ["bfloat16", "float16", "mixed_bfloat16"])
+def test_16_bit_layers_load_exactly(tmp_path, policy):
+    layer = keras.layers.BatchNormalization(dtype=policy)
+    path = _save(keras.Sequential([keras.Input((3,)), layer]), tmp_path / "m.keras")
+    (ours,) = batchnorm.load_keras(path).values()
+    for name in ours._weights():
+        expected = torch.from_numpy(getattr(layer, name).numpy().astype("float32")).to(ours.weight_dtype)
+        assert torch.equal(getattr(ours, name), expected), name
+
+
+def test_a_wrapped_batch_normalization_and_a_subclassed_model_are_named(tmp_path):
+    wrapped = keras.Sequential([keras.Input((2, 3)), keras.layers.TimeDistributed(keras.layers.BatchNormalization())])
+    with pytest.raises(ValueError, match=r"wrapped\.keras.*TimeDistributed.*wraps a BatchNormalization"):
+        batchnorm.load_keras(_save(wrapped, tmp_path / "wrapped.keras"))
+
+    class Subclassed(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.bn = keras.layers.BatchNormalization()
+
+        def call(self, x):
+            return self.bn(x)
+
+    model = Subclassed()
+    model(np.zeros((2, 3), "float32"))
+    with pytest.raises(ValueError, match=r"lists no layers \(a subclassed model\?\).*load_keras_weights"):
+        batchnorm.load_keras(_save(model, tmp_path / "subclassed.keras"))
+
+
+def _weights_file(path, make_gamma) -> str:
+    """A .weights.h5 file of one BatchNormalization of 3 channels whose gamma ``make_gamma(vars)`` writes."""
+    with h5py.File(path, "w") as file:
+        variables = file.create_group("layers/batch_normalization/vars")
+        make_gamma(variables)
+        for index in (1, 2, 3):
+            variables[str(index)] = np.ones(3, "float32")
+    return str(path)
+
+
+def test_links_external_data_and_shape_bombs_are_refused_unread(tmp_path):
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"API_KEY=hunter2!")
+    other = _weights_file(tmp_path / "other.weights.h5", lambda v: v.create_dataset("0", data=np.ones(3, "float32")))
+    attacks = {
+        "external data": lambda v: v.create_dataset("0", (4,), "float32", external=[(str(secret), 0, 16)]),
+        "soft link": lambda v: v.__setitem__("0", h5py.SoftLink("/layers/batch_normalization/vars/1")),
+        "external link": lambda v: v.__setitem__("0", h5py.ExternalLink(other, "/layers/batch_normalization/vars/0")),
+        "shape bomb": lambda v: v.create_dataset("0", (2**28,), "float32", chunks=(2**20,), compression="gzip"),
+    }
+    for kind, make_gamma in attacks.items():
+        model = torch.nn.Sequential(BatchNormalization())
+        model(torch.randn(2, 3))
+        before = snapshot(model)
+        path = _weights_file(tmp_path / f"{kind}.weights.h5", make_gamma)
+        with pytest.raises(ValueError, match=r"refused"):
+            batchnorm.load_keras_weights(model, path)
+        assert_state_equal(before, model)
+
+
+def test_an_unzipped_save_is_named(tmp_path):
+    folder = tmp_path / "model_folder"
+    folder.mkdir()
+    with pytest.raises(ValueError, match=r"model_folder: a directory"):
+        batchnorm.load_keras(folder)

@@ -10,7 +10,9 @@ The ``vars`` group's attribute ``name`` holds the layer's own name.
 
 Files are read with :mod:`zipfile`, :mod:`json` and ``h5py`` (the ``batchnorm[keras]`` extra):
 Keras is not imported, and nothing named in a file is imported or run (configs go through
-:meth:`BatchNormalization.from_config`, which resolves built-in identifiers only).
+:meth:`BatchNormalization.from_config`, which resolves built-in identifiers only). As Keras's own
+loader, nothing outside the file is read: links, external and virtual datasets and "shape bombs"
+are refused (:func:`_child`).
 """
 
 from __future__ import annotations
@@ -122,10 +124,10 @@ def load_keras_weights(model: nn.Module, path: str | os.PathLike) -> list[tuple[
     BatchNormalization layers come first (by their counter), then its nested models, depth first.
     """
     if zipfile.is_zipfile(path):  # each layer checked against its config, as load_keras does
-        variables = {h5_path: list(layer.state_dict().values()) for _, h5_path, layer in _archive_layers(path)}
+        variables = {at: [getattr(layer, n) for n in layer._weights()] for _, at, layer in _archive_layers(path)}
     else:
         with _open_hdf5(path, path) as weights:
-            variables = {h5_path: _variables(weights, h5_path, path) for h5_path in _hdf5_entries(weights)}
+            variables = {h5_path: _variables(weights, h5_path, path) for h5_path in _hdf5_entries(weights, path)}
     entries = list(variables)
     if not entries:
         raise ValueError(f"{os.fspath(path)}: the file holds no BatchNormalization layer")
@@ -156,8 +158,15 @@ def _h5py():
 def _archive_layers(path) -> list[tuple[str, str, BatchNormalization]]:
     """``(name, HDF5 path, layer)`` of every BatchNormalization of a ``.keras`` archive, built with its weights."""
     config, weights = _read_archive(path)
+    layers, seen = [], set()
     with weights:
-        return [(name, at, _layer(path, at, layer, weights)) for name, at, layer in _config_layers(config, path)]
+        for name, at, layer_config in _config_layers(config, path):
+            own_name = layer_config["config"]["name"]
+            if own_name in seen and at + "/vars" not in weights:
+                continue  # a layer shared with a model visited before: Keras saved it there only
+            seen.add(own_name)
+            layers.append((name, at, _layer(path, at, layer_config, weights)))
+    return layers
 
 
 def _open_hdf5(source, path):
@@ -174,6 +183,8 @@ def _open_hdf5(source, path):
 def _read_archive(path) -> tuple[dict, Any]:
     """The ``config.json`` and the open ``model.weights.h5`` of a ``.keras`` archive."""
     _h5py()  # the missing dependency before the file's problems
+    if os.path.isdir(path):
+        raise ValueError(f"{os.fspath(path)}: a directory (an unzipped save): zip it, or load its model.weights.h5")
     try:
         with zipfile.ZipFile(path) as archive:
             names = set(archive.namelist())
@@ -198,15 +209,22 @@ def _config_layers(config: dict, path) -> Iterator[tuple[str, str, dict]]:
     """``(name, HDF5 path, layer config)`` of every BatchNormalization layer of a model's config, in
     Keras's layer order, depth first into nested models (whose configs list their layers)."""
     try:
+        if not isinstance(config.get("config", {}).get("layers"), list):
+            raise ValueError(
+                "its config lists no layers (a subclassed model?): load its weights into your model with "
+                "load_keras_weights"
+            )
         yield from _model_layers(config)
     except (KeyError, TypeError, AttributeError) as error:
         raise ValueError(f"{os.fspath(path)}: config.json is not a Keras model's config ({error!r})") from error
+    except ValueError as error:
+        raise ValueError(f"{os.fspath(path)}: {error}") from error
 
 
 def _model_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> Iterator[tuple[str, str, dict]]:
     used: dict[str, int] = {}
-    for layer in config.get("config", {}).get("layers", []):
-        key = _snake_case(layer["class_name"])
+    for layer in config["config"]["layers"]:
+        key = _snake_case(layer["class_name"])  # Keras's saver: a counter per class within a model
         used[key] = used.get(key, -1) + 1
         h5_path = f"{h5_prefix}layers/{key}" + (f"_{used[key]}" if used[key] else "")
         name = name_prefix + layer["config"]["name"]
@@ -214,24 +232,27 @@ def _model_layers(config: dict, h5_prefix: str = "", name_prefix: str = "") -> I
             yield name, h5_path, layer
         elif isinstance(layer["config"].get("layers"), list):
             yield from _model_layers(layer, h5_path + "/", name + "/")
+        elif f'"class_name": "{_CLASS}"' in json.dumps(layer["config"]):
+            raise ValueError(f"layer {name!r} ({layer['class_name']}) wraps a BatchNormalization, which is not read")
 
 
-def _hdf5_entries(group, prefix: str = "") -> Iterator[str]:
+def _hdf5_entries(group, path, prefix: str = "") -> Iterator[str]:
     """The HDF5 paths of the BatchNormalization layers of a weights file: each model's own, by their
     counter, then its nested models' (those with ``layers`` of their own), depth first."""
-    if "layers" not in group:
+    layers = _child(group, "layers", "Group", path)
+    if layers is None:
         return
-    keys = list(group["layers"])
-    for key in sorted((k for k in keys if re.fullmatch(rf"{_KEY}(_\d+)?", k)), key=_counter):
+    children = {key: _child(layers, key, "Group", path) for key in layers}
+    for key in sorted((k for k in children if re.fullmatch(rf"{_KEY}(_\d+)?", k)), key=_counter):
         yield f"{prefix}layers/{key}"
-    for key in sorted((k for k in keys if "layers" in group["layers"][k]), key=lambda k: (_base(k), _counter(k))):
-        yield from _hdf5_entries(group["layers"][key], f"{prefix}layers/{key}/")
+    for key in sorted((k for k, child in children.items() if "layers" in child), key=lambda k: (_base(k), _counter(k))):
+        yield from _hdf5_entries(children[key], path, f"{prefix}layers/{key}/")
 
 
 def _counter(key: str) -> int:
     """Keras's per-class counter in a key: 0 for ``batch_normalization``, k for ``batch_normalization_k``."""
     match = re.search(r"_(\d+)$", key)
-    return int(match.group(1)) if match and _base(key) != key else 0
+    return int(match.group(1)) if match else 0
 
 
 def _base(key: str) -> str:
@@ -240,11 +261,45 @@ def _base(key: str) -> str:
 
 def _variables(weights, h5_path: str, path) -> list[torch.Tensor]:
     """The variables ``vars/0``, ``vars/1``, ... of the layer at ``h5_path``, as tensors."""
-    group = weights.get(f"{h5_path}/vars")
+    group = weights
+    for part in f"{h5_path}/vars".split("/"):
+        group = _child(group, part, "Group", path) if group is not None else None
     keys = [str(index) for index in range(len(group))] if group is not None else []
-    if group is None or sorted(group) != sorted(keys) or not all(isinstance(group[k], _h5py().Dataset) for k in keys):
+    if group is None or sorted(group) != sorted(keys):
         raise ValueError(f"{os.fspath(path)}: no variables 0, 1, ... at {h5_path}/vars (not a Keras 3 weights layout)")
-    return [torch.as_tensor(group[key][()]) for key in keys]
+    return [_tensor(_child(group, key, "Dataset", path)) for key in keys]
+
+
+def _child(group, key: str, kind: str, path):
+    """``group[key]`` if it exists (else ``None``), refusing what could reach beyond the file or its size.
+
+    As Keras's own loader: no soft or external links, no dataset stored in other files or
+    assembled from them (virtual), and no dataset that declares far more data than the file stores
+    (a "shape bomb": a huge allocation from a tiny file). ``kind`` is ``"Group"`` or ``"Dataset"``.
+    """
+    h5py = _h5py()
+    link = group.get(key, getlink=True)
+    if link is None:
+        return None
+    where = f"{os.fspath(path)}: {group.name.rstrip('/')}/{key}"
+    if not isinstance(link, h5py.HardLink):
+        raise ValueError(f"{where} is a {type(link).__name__}, refused (it may reach other files)")
+    child = group[key]
+    if not isinstance(child, getattr(h5py, kind)):
+        raise ValueError(f"{where} is not a {kind} (not a Keras 3 weights layout)")
+    if kind == "Dataset":
+        declared = child.size * child.dtype.itemsize
+        if child.external or child.is_virtual or (declared > 2**20 and declared > 1000 * child.id.get_storage_size()):
+            raise ValueError(f"{where}: data stored elsewhere or far less than declared, refused")
+    return child
+
+
+def _tensor(dataset) -> torch.Tensor:
+    """A dataset's values: Keras stores bfloat16 as 2-byte opaque values with the attribute ``dtype``."""
+    values = dataset[()]
+    if dataset.attrs.get("dtype") == "bfloat16":
+        return torch.from_numpy(values.view("<i2")).view(torch.bfloat16)
+    return torch.as_tensor(values)
 
 
 def _misfit(layer: BatchNormalization, variables: list[torch.Tensor]) -> list[str]:
@@ -256,8 +311,9 @@ def _misfit(layer: BatchNormalization, variables: list[torch.Tensor]) -> list[st
         expected = [tuple(getattr(layer, name).shape) for name in names]
     else:  # all alike, with one dimension per channel axis
         rank = 1 if isinstance(layer.axis, int) else len(layer.axis)
-        first = tuple(variables[0].shape)
-        expected = [first if len(first) == rank else (None,) * rank] * len(names)
+        if variables[0].dim() != rank:
+            return [f"{names[0]} has shape {tuple(variables[0].shape)} in the file, the layer {rank} dimension(s)"]
+        expected = [tuple(variables[0].shape)] * len(names)
     return [
         f"{name} has shape {tuple(v.shape)} in the file, {shape} in the layer"
         for name, v, shape in zip(names, variables, expected)

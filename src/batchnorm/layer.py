@@ -31,6 +31,7 @@ _POLICY_WEIGHT_DTYPES = {
     "mixed_float16": torch.float32,
     "mixed_bfloat16": torch.float32,
 }
+_POLICY_CLASSES = ("DTypePolicy", "FloatDTypePolicy")
 _TORCH_DTYPE_NAMES = {dtype: name for name, dtype in _POLICY_WEIGHT_DTYPES.items() if "mixed" not in name}
 
 # The bounds that batch renormalization's ``renorm_clipping`` may give (Keras's keys).
@@ -195,7 +196,8 @@ def _resolve_dtype(dtype: Any) -> tuple[str, torch.dtype]:
         return _TORCH_DTYPE_NAMES[dtype], dtype
     name = dtype
     if isinstance(dtype, dict):
-        name = dtype.get("config", {}).get("name") if dtype.get("class_name") == "DTypePolicy" else None
+        # FloatDTypePolicy: Keras 3.4-3.5's name of the class, which Keras 3.15 still reads
+        name = dtype.get("config", {}).get("name") if dtype.get("class_name") in _POLICY_CLASSES else None
     if isinstance(name, str) and name in _POLICY_WEIGHT_DTYPES:
         return name, _POLICY_WEIGHT_DTYPES[name]
     raise ValueError(
@@ -484,7 +486,8 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 + f", received input_shape={input_shape} with axis={self.axis}"
             )
         self._materialize(channels)
-        self._built_shape = input_shape
+        if self._built_shape is None:  # the first shape fixes the rank; later ones only checked
+            self._built_shape = input_shape
         self._retire_lazy_hooks()
 
     def initialize_parameters(self, inputs: Tensor, training: bool | None = None, mask: Tensor | None = None) -> None:
