@@ -469,3 +469,9 @@ def test_build_on_a_built_layer_checks_the_shape_and_writes_nothing():
         loaded.build((2, 4))
     loaded.build((2, 3, 5, 5))
     assert loaded(torch.randn(2, 3, 5, 5)).shape == (2, 3, 5, 5)
+
+
+def test_from_config_reads_keras_3_4_float_dtype_policies():
+    policy = {"module": "keras", "class_name": "FloatDTypePolicy", "config": {"name": "mixed_float16"}}
+    layer = BatchNormalization.from_config({**BatchNormalization().get_config(), "dtype": policy})
+    assert layer.weight_dtype == torch.float32 and layer.get_config()["dtype"]["config"]["name"] == "mixed_float16"
