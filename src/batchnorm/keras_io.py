@@ -84,14 +84,13 @@ def to_keras(layer: BatchNormalization) -> Any:
 
 
 def _input_shape(layer: BatchNormalization) -> tuple:
-    """The shape ``layer`` was built for, or the smallest that puts its channels on its axis (``None`` elsewhere)."""
-    if layer._built_shape is not None:
-        return layer._built_shape
-    axis, channels = layer.axis, layer.moving_variance.shape[0]
-    rank = axis + 1 if axis >= 0 else -axis
-    shape = [None] * rank
-    shape[axis] = channels
-    return tuple(shape)
+    """The shape ``layer`` was built for: Keras fixes a layer's input rank when it builds it."""
+    if layer._built_shape is None:
+        raise ValueError(
+            f"layer {layer.name!r} was built by load_state_dict, so its input rank is unknown, and Keras "
+            "fixes the rank at build: call layer.build(input_shape) (or the layer once) before to_keras"
+        )
+    return layer._built_shape
 
 
 # ------------------------------------------------------------------------------------- files
