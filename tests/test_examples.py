@@ -1,5 +1,5 @@
-"""examples/renorm_small_batches.py and examples/port_keras_model.py: a --quick run of each end to
-end, and their command lines.
+"""examples/renorm_small_batches.py, examples/port_keras_model.py and examples/convert_torch_model.py:
+a --quick run of each end to end, and their command lines.
 
 (examples/ddp_cpu.py runs under torchrun in test_distributed.py.)
 """
@@ -275,4 +275,176 @@ def test_port_help_and_bad_arguments(port_example, capsys):
     for argv in (["--epochs", "0"], ["--epochs", "x"], ["--seed", "1.5"]):
         with pytest.raises(SystemExit) as exc:
             port_example.parse_args(argv)
+        assert exc.value.code == 2
+
+
+# ----------------------------------------------------------------------- convert_torch_model.py
+
+
+@pytest.fixture(scope="module")
+def convert_example():
+    return _load("convert_torch_model")
+
+
+@pytest.fixture(scope="module")
+def convert_run(convert_example, tmp_path_factory):
+    """(out_dir, result, printed text) of one --quick run (seed 1, digits 0-4 pretrained)."""
+    out, _, result, text = _quick_run(convert_example, tmp_path_factory)
+    return out, result, text
+
+
+def _quick_training_images(example) -> torch.Tensor:
+    """The training images of the quick run, as the example feeds them: (N, 1, 8, 8)."""
+    from batchnorm.demo import load_digits_images
+
+    return load_digits_images(1).x_train[: example.QUICK["train_images"]].permute(0, 3, 1, 2)
+
+
+def test_convert_quick_run_keeps_its_promises(convert_example, convert_run):
+    _, result, text = convert_run
+    assert convert_example.failures(result) == []
+    assert result["conversion_relative_gap"] <= convert_example.CONVERSION_TOLERANCE == 1e-6
+    assert result["converted_accuracy"] == result["pretrain_accuracy"]
+    assert result["frozen_unchanged"] is True and result["frozen_unchanged_after_recalibration"] is True
+    assert result["fold_gap"] <= convert_example.FOLD_TOLERANCE == 1e-5
+    assert result["onnx_gap"] <= convert_example.ONNX_TOLERANCE == 1e-4
+    assert result["folded_accuracy"] == result["recalibrated_accuracy"]
+    assert result["recalibration_gain"] == result["recalibrated_accuracy"] - result["finetune_accuracy"]
+    for key in ("pretrain_accuracy", "finetune_accuracy", "finetune_train_mode_accuracy", "onnx_accuracy"):
+        assert 0.0 <= result[key] <= 1.0
+    assert result["finetune_steps"] == convert_example.QUICK["train_images"] // convert_example.BATCH_SIZE == 8
+    assert f"largest |logit difference| to PyTorch's: {result['conversion_gap']:.2g}" in text
+    assert "bit-identical after fine-tuning: YES" in text and "the frozen backbone untouched: YES" in text
+    assert f"({100 * result['recalibration_gain']:+.1f} points)" in text
+    assert f"of the test logits: {result['fold_gap']:.2g} (limit 1e-05)" in text
+    assert f"largest |ONNX - eager| of the logits: {result['onnx_gap']:.2g} (limit 0.0001)" in text
+
+
+def test_convert_the_models_layers(convert_run):
+    """Converted: no torch BatchNorm left, the backbone's layers frozen with torch's momentum and eps;
+    the new head's layer Keras's defaults; folded: no batch normalization at all."""
+    _, result, _ = convert_run
+    model, folded = result["model"], result["folded"]
+    assert not any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    norms = {name: m for name, m in model.named_modules() if isinstance(m, BatchNormalization)}
+    assert list(norms) == ["backbone.1", "backbone.4", "backbone.8", "head.1"]
+    for name in ("backbone.1", "backbone.4", "backbone.8"):
+        layer = norms[name]
+        assert (layer.axis, layer.momentum, layer.epsilon, layer.trainable) == (1, 0.9, 1e-5, False), name
+    head = norms["head.1"]
+    assert (head.axis, head.momentum, head.epsilon, head.trainable) == (-1, 0.99, 1e-3, True)
+    assert not model.training and not folded.training
+    from batchnorm.convert import Folded
+
+    assert result["folded_layers"] == 4
+    assert [name for name, m in folded.named_modules() if isinstance(m, Folded)] == list(norms)
+    assert not any(isinstance(m, BatchNormalization) for m in folded.modules())
+
+
+def test_convert_recalibration_gives_the_population_statistics(convert_example, convert_run):
+    """After recalibrate, the head's moving statistics are the mean and biased variance of its inputs
+    over the training images; inspect flagged the head before and not after, frozen layers aside."""
+    _, result, text = convert_run
+    model = result["model"]
+    seen = []
+    handle = model.head[1].register_forward_pre_hook(lambda _m, args: seen.append(args[0]))
+    try:
+        with torch.no_grad():
+            model(_quick_training_images(convert_example))
+    finally:
+        handle.remove()
+    (inputs,) = seen
+    head = model.head[1]
+    torch.testing.assert_close(head.moving_mean, inputs.mean(0), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.moving_variance, inputs.var(0, unbiased=False), rtol=1e-5, atol=1e-6)
+    assert "head.1" in result["stale_before"] and "head.1" not in result["stale_after"]
+    assert set(result["stale_after"]) <= {"backbone.1", "backbone.4", "backbone.8"}  # frozen: left as they are
+    tables = text.split("mean shift: max |moving mean - mean|")
+    assert len(tables) == 3  # two inspect tables, printed where the run's stdout goes
+    before, after = ([line for line in t.splitlines() if line.startswith("head.1 ")] for t in tables[:2])
+    assert before[0].endswith("STALE") and after[0].endswith("ok")
+
+
+def test_convert_writes_the_figures_and_the_onnx_model(convert_run):
+    """The two inspect PNGs; the .onnx runs in onnxruntime at a batch size it was not exported with."""
+    import onnxruntime
+
+    out, result, _ = convert_run
+    for png in map(Path, result["pngs"]):
+        assert png.parent == out and png.read_bytes()[:8] == PNG_SIGNATURE
+    path = Path(result["onnx_path"])
+    assert path.parent == out and path.stat().st_size > 0
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (declared,) = session.get_inputs()
+    assert isinstance(declared.shape[0], str) and declared.shape[1:] == [1, 8, 8]  # a symbolic batch dimension
+    x = torch.rand(7, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    (onnx_logits,) = session.run(None, {declared.name: x.numpy()})
+    with torch.no_grad():
+        torch.testing.assert_close(torch.from_numpy(onnx_logits), result["folded"](x), rtol=1e-4, atol=1e-4)
+
+
+def test_convert_times_both_models(convert_run):
+    _, result, text = convert_run
+    assert set(result["timings"]) == {256, 1}
+    for timing in result["timings"].values():
+        assert timing["unfolded"] > 0 and timing["folded"] > 0
+        assert timing["speedup"] == timing["unfolded"] / timing["folded"]
+    assert f"a batch of 256:  unfolded {1e3 * result['timings'][256]['unfolded']:6.2f} ms" in text
+    assert f": {result['timings'][1]['speedup']:.2f}x" in text
+
+
+def _passing_result() -> dict:
+    return {
+        "conversion_relative_gap": 0.0,
+        "frozen_unchanged": True,
+        "frozen_unchanged_after_recalibration": True,
+        "fold_gap": 1e-5,
+        "onnx_gap": 1e-4,
+    }
+
+
+@pytest.mark.parametrize(
+    "broken, message",
+    [
+        ({"conversion_relative_gap": 2e-6}, "from_torch changed the logits by 2.00e-06 (relative) > 1e-06"),
+        ({"frozen_unchanged": False}, "fine-tuning changed the frozen backbone"),
+        ({"frozen_unchanged_after_recalibration": False}, "recalibrate changed the frozen backbone"),
+        ({"fold_gap": 1.5e-5}, "the folded logits differ by 1.50e-05 (relative) > 1e-05"),
+        ({"onnx_gap": float("nan")}, "the ONNX logits differ by nan > 0.0001"),
+    ],
+)
+def test_convert_main_exit_status(convert_example, monkeypatch, capsys, broken, message):
+    calls = []
+
+    def fake_run(args, result=None):
+        calls.append(args)
+        return result or _passing_result()
+
+    monkeypatch.setattr(convert_example, "run", fake_run)
+    assert convert_example.main(["--quick", "--out-dir", "x", "--seed", "3"]) == 0
+    assert "OK" in capsys.readouterr().out
+    assert (calls[0].quick, calls[0].epochs, calls[0].seed, calls[0].out_dir, calls[0].pretrain_classes) == (
+        True,
+        1,
+        3,
+        "x",
+        5,
+    )
+    monkeypatch.setattr(convert_example, "run", lambda args: fake_run(args, {**_passing_result(), **broken}))
+    assert convert_example.main([]) == 1
+    assert f"FAILED: {message}" in capsys.readouterr().out
+    assert (calls[1].quick, calls[1].epochs, calls[1].seed, calls[1].out_dir) == (False, 5, 0, "convert-out")
+
+
+def test_convert_help_and_bad_arguments(convert_example, capsys):
+    with pytest.raises(SystemExit) as exc:
+        convert_example.parse_args(["--help"])
+    assert exc.value.code == 0
+    text = capsys.readouterr().out
+    for option in ("--epochs", "--pretrain-classes", "--seed", "--out-dir", "--quick"):
+        assert option in text
+    assert convert_example.parse_args(["--pretrain-classes", "10"]).pretrain_classes == 10
+    for argv in (["--epochs", "0"], ["--pretrain-classes", "1"], ["--pretrain-classes", "11"], ["--seed", "x"]):
+        with pytest.raises(SystemExit) as exc:
+            convert_example.parse_args(argv)
         assert exc.value.code == 2
