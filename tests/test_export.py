@@ -9,12 +9,15 @@ gamma and beta are far from their initial values; then, in ``eval()``:
   the CPU at two batch sizes: outputs within 1e-5 relative of eager.
 
 The ghost-batch layer is run at batch sizes that its ``virtual_batch_size`` does not divide:
-inference takes any batch size.
+inference takes any batch size. The models whose layers follow a Conv/Linear are also folded
+(``batchnorm.fold``) and exported the same way: the folded program's outputs are compared with the
+original (unfolded) model's eager outputs, at the same tolerance.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 
 import onnxruntime  # a missing package fails the file: the test extra installs it
@@ -22,7 +25,8 @@ import pytest
 import torch
 from torch import nn
 
-from batchnorm import BatchNormalization
+from batchnorm import BatchNormalization, fold
+from batchnorm.convert import Folded
 
 # Two notices from torch's own exporter code about itself, nothing about the model: pytree's
 # deprecated LeafSpec check, and the mask's batch axis named like the input's (it is the same Dim).
@@ -91,7 +95,9 @@ MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], bool]] = {
     "axes-adjacent": (axes((1, 2)), (3, 2, 5), False),
     "axes-apart": (axes((1, 3)), (3, 2, 5), False),
 }
-names = pytest.mark.parametrize("name", list(MODELS))
+FOLDABLE = ("conv", "dense", "masked", "renorm", "ghost")  # every layer directly after a Conv/Linear
+# A case is a model's name, "-folded" added for its folded copy.
+cases = pytest.mark.parametrize("case", [*MODELS, *(f"{name}-folded" for name in FOLDABLE)])
 
 
 def inputs(name: str, batch: int, seed: int) -> tuple[tuple[torch.Tensor], dict[str, torch.Tensor]]:
@@ -136,6 +142,25 @@ def trained(name: str) -> nn.Module:
     return model
 
 
+@functools.cache
+def folded(name: str) -> nn.Module:
+    model = trained(name)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        copy = fold(model)
+    assert not [str(w.message) for w in caught if issubclass(w.category, UserWarning)]  # nothing left unfolded
+    layers = sum(isinstance(m, BatchNormalization) for m in model.modules())
+    assert sum(isinstance(m, Folded) for m in copy.modules()) == layers
+    assert not any(isinstance(m, BatchNormalization) for m in copy.modules())
+    return copy
+
+
+def under_test(case: str) -> tuple[str, nn.Module, nn.Module]:
+    """The case's model name, the model to export and the eager model to compare with (the original)."""
+    name = case.removesuffix("-folded")
+    return name, folded(name) if case.endswith("-folded") else trained(name), trained(name)
+
+
 def eager(model: nn.Module, args, kwargs) -> torch.Tensor:
     with torch.no_grad():
         return model(*args, **kwargs)
@@ -152,23 +177,23 @@ def dynamic_batch(name: str):
 
 
 def check_program(program: torch.export.ExportedProgram, model: nn.Module) -> None:
-    # Inference: the program reads the moving statistics and writes nothing back.
+    # Inference: the program reads the moving statistics (folded: none) and writes nothing back.
     assert program.graph_signature.buffers_to_mutate == {}
     assert len(program.graph_signature.inputs_to_buffers) == len(list(model.buffers()))
 
 
-@names
-def test_torch_export_matches_eager(name):
-    model = trained(name)
+@cases
+def test_torch_export_matches_eager(case):
+    name, model, original = under_test(case)
     args, kwargs = inputs(name, EXPORT_BATCH, 10)
     program = torch.export.export(model, args, kwargs)
     check_program(program, model)
-    torch.testing.assert_close(program.module()(*args, **kwargs), eager(model, args, kwargs), rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(program.module()(*args, **kwargs), eager(original, args, kwargs), rtol=RTOL, atol=ATOL)
 
 
-@names
-def test_torch_export_with_a_dynamic_batch_matches_eager_at_other_batch_sizes(name):
-    model = trained(name)
+@cases
+def test_torch_export_with_a_dynamic_batch_matches_eager_at_other_batch_sizes(case):
+    name, model, original = under_test(case)
     args, kwargs = inputs(name, EXPORT_BATCH, 10)
     program = torch.export.export(model, args, kwargs, dynamic_shapes=dynamic_batch(name))
     check_program(program, model)
@@ -177,7 +202,7 @@ def test_torch_export_with_a_dynamic_batch_matches_eager_at_other_batch_sizes(na
     module = program.module()
     for batch in (EXPORT_BATCH, *OTHER_BATCHES):
         args, kwargs = inputs(name, batch, 20 + batch)
-        torch.testing.assert_close(module(*args, **kwargs), eager(model, args, kwargs), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(module(*args, **kwargs), eager(original, args, kwargs), rtol=RTOL, atol=ATOL)
 
 
 # ------------------------------------------------------------------------------------------ ONNX
@@ -201,11 +226,11 @@ def run(session: onnxruntime.InferenceSession, args, kwargs) -> torch.Tensor:
     return torch.from_numpy(output)
 
 
-@names
-def test_onnx_export_runs_in_onnxruntime_like_eager(name, tmp_path):
-    model = trained(name)
-    session = onnx_session(model, name, tmp_path / f"{name}.onnx")
+@cases
+def test_onnx_export_runs_in_onnxruntime_like_eager(case, tmp_path):
+    name, model, original = under_test(case)
+    session = onnx_session(model, name, tmp_path / f"{case}.onnx")
     assert isinstance(session.get_inputs()[0].shape[0], str)  # a symbolic batch dimension
     for batch in (EXPORT_BATCH, *OTHER_BATCHES):
         args, kwargs = inputs(name, batch, 30 + batch)
-        torch.testing.assert_close(run(session, args, kwargs), eager(model, args, kwargs), rtol=RTOL, atol=ATOL)
+        torch.testing.assert_close(run(session, args, kwargs), eager(original, args, kwargs), rtol=RTOL, atol=ATOL)
