@@ -630,7 +630,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 mask = torch.as_tensor(mask, device=inputs.device)
             functional.check_mask(mask, shape, axes)
         ghost = self.virtual_batch_size
-        if ghost is not None and shape[0] % ghost and self._uses_batch_statistics(training):
+        if ghost is not None and self._uses_batch_statistics(training) and shape[0] % ghost:
             raise ValueError(
                 f"virtual_batch_size={ghost} must divide the batch size of a training call, "
                 f"received inputs of shape {tuple(shape)} (batch size {shape[0]})"
