@@ -3,11 +3,13 @@
 Public API: :class:`BatchNormalization`, the tree helpers :func:`set_trainable`,
 :func:`regularization_loss` and :func:`apply_constraints`, the R-style constructor
 :func:`layer_batch_normalization`, Keras migration (:func:`from_keras`, :func:`to_keras`,
-:func:`load_keras`, :func:`load_keras_weights`), and the Keras-named object modules
+:func:`load_keras`, :func:`load_keras_weights`), PyTorch model tools (:func:`from_torch`,
+:func:`to_torch`, :func:`fold`), and the Keras-named object modules
 :mod:`initializers`, :mod:`regularizers`, :mod:`constraints`.
 """
 
 from . import constraints, initializers, regularizers
+from .convert import fold, from_torch, to_torch
 from .keras_io import from_keras, load_keras, load_keras_weights, to_keras
 from .layer import BatchNormalization
 from .tree import apply_constraints, layer_batch_normalization, regularization_loss, set_trainable
@@ -22,6 +24,9 @@ __all__ = [
     "to_keras",
     "load_keras",
     "load_keras_weights",
+    "from_torch",
+    "to_torch",
+    "fold",
     "initializers",
     "regularizers",
     "constraints",

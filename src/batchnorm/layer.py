@@ -503,6 +503,15 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 self._materialize(tuple(inputs.shape[a] for a in axes), None if placed else inputs.device)
             self._built_shape = tuple(inputs.shape)
 
+    def _share_weights(self, **weights: Tensor) -> None:
+        """Take ``weights`` (by name: ``gamma``, ``moving_mean``, ...) as this unbuilt layer's own,
+        shared rather than copied, as ``SyncBatchNorm.convert_sync_batchnorm`` shares torch's (an
+        optimizer made before the conversion keeps training them). The layer is then built; its
+        rank is fixed by :meth:`build` or the first call."""
+        for name, weight in weights.items():
+            setattr(self, name, weight)
+        self._retire_lazy_hooks()
+
     def _retire_lazy_hooks(self) -> None:
         """Remove torch's lazy-module hooks once built by :meth:`build` or ``load_state_dict``.
 
