@@ -259,12 +259,13 @@ def test_a_nested_model_is_converted_in_place():
 def test_a_shared_module_gets_one_shared_replacement():
     torch.manual_seed(0)
     shared = nn.BatchNorm1d(4)
-    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Sequential(nn.Linear(4, 4), shared))
+    # at two places under one parent, and under another parent
+    model = nn.Sequential(nn.Linear(4, 4), shared, nn.Sequential(nn.Linear(4, 4), shared), shared)
     _train(model, (8, 4))
     reference = copy.deepcopy(model)
     batchnorm.from_torch(model)
     assert type(model[1]) is BatchNormalization
-    assert model[2][1] is model[1]
+    assert model[2][1] is model[1] and model[3] is model[1]
     assert len([m for m in model.modules() if isinstance(m, BatchNormalization)]) == 1  # modules() dedups
     x = _batch((8, 4), 3)
     with torch.no_grad():
@@ -324,6 +325,16 @@ def test_from_torch_refuses_what_has_no_keras_meaning(kind):
         batchnorm.from_torch(_inside(FROM_TORCH_REFUSED[kind]()))
 
 
+def test_a_refused_from_torch_leaves_the_model_as_it_was():
+    good = nn.BatchNorm2d(3)
+    model = nn.Sequential(
+        OrderedDict(stem=good, body=nn.Sequential(nn.Identity(), nn.ReLU(), nn.BatchNorm2d(3, momentum=None)))
+    )
+    with pytest.raises(ValueError, match=r"body\.2"):
+        batchnorm.from_torch(model)
+    assert model.stem is good and type(model.body[2]) is nn.BatchNorm2d
+
+
 @pytest.mark.parametrize("kind", list(FROM_TORCH_REFUSED))
 def test_from_torch_refuses_a_root_naming_it(kind):
     with pytest.raises(ValueError, match="<root>"):
@@ -362,6 +373,15 @@ def test_to_torch_refuses_what_torch_cannot_hold(kind):
     assert word in str(error.value)
     with pytest.raises(ValueError, match="<root>"):
         batchnorm.to_torch(factory())
+
+
+def test_a_refused_to_torch_leaves_the_model_as_it_was():
+    good = _built(RANK4, axis=1)
+    model = _inside(_built(RANK4, axis=1, renorm=True))
+    model.stem = good
+    with pytest.raises(ValueError, match=r"body\.2"):
+        batchnorm.to_torch(model)
+    assert model.stem is good and type(model.body[2]) is BatchNormalization
 
 
 # ---------------------------------------------------------------------------- round trips
@@ -574,6 +594,7 @@ def test_deepcopy_of_a_converted_model():
     assert not torch.equal(clone[1].moving_mean, before)
 
 
+@pytest.mark.slow  # torch.compile: 5-20 s for the first compile in a process on 2 cores
 def test_torch_compile_of_a_converted_model_in_eval():
     converted = batchnorm.from_torch(small_torch_model()).eval()
     x = _batch((4, 3, 5, 5), 14)
