@@ -4,14 +4,16 @@ Public API: :class:`BatchNormalization`, the tree helpers :func:`set_trainable`,
 :func:`regularization_loss` and :func:`apply_constraints`, the R-style constructor
 :func:`layer_batch_normalization`, Keras migration (:func:`from_keras`, :func:`to_keras`,
 :func:`load_keras`, :func:`load_keras_weights`), PyTorch model tools (:func:`from_torch`,
-:func:`to_torch`, :func:`fold`), and the Keras-named object modules
-:mod:`initializers`, :mod:`regularizers`, :mod:`constraints`.
+:func:`to_torch`, :func:`fold`, :func:`recalibrate`, :func:`inspect`), and the Keras-named object
+modules :mod:`initializers`, :mod:`regularizers`, :mod:`constraints`.
 """
 
 from . import constraints, initializers, regularizers
 from .convert import fold, from_torch, to_torch
+from .health import inspect
 from .keras_io import from_keras, load_keras, load_keras_weights, to_keras
 from .layer import BatchNormalization
+from .population import recalibrate
 from .tree import apply_constraints, layer_batch_normalization, regularization_loss, set_trainable
 
 __all__ = [
@@ -27,6 +29,8 @@ __all__ = [
     "from_torch",
     "to_torch",
     "fold",
+    "recalibrate",
+    "inspect",
     "initializers",
     "regularizers",
     "constraints",

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import functional
 
-__all__ = ["is_synchronizing", "batch_statistics", "summing"]
+__all__ = ["is_synchronizing", "batch_statistics", "summing", "combine_across"]
 
 # First value of the layout header: tells this module's check from another collective of its size.
 _HEADER_TAG = 0x42_4E_53_59_4E_43  # "BNSYNC"
@@ -89,6 +89,21 @@ def batch_statistics(
     _check_layout(group, _ANY_CALLER if key is None else key, *layout)
     count, mean, var = _combine(_all_gather(_local_statistics(view, mask), group))
     return functional.Statistics(mean, var, count, functional.valid_statistics(mean, var, count))
+
+
+def combine_across(statistics: functional.Statistics, process_group: Any = None) -> functional.Statistics:
+    """The union over the ranks of ``process_group`` (default: every rank) of each rank's statistics.
+
+    ``statistics`` holds this rank's 0-dim ``count`` and per-channel ``mean`` and biased ``var``
+    (e.g. a dataset's, :mod:`batchnorm.population`), zeros for no element. Returns the union's,
+    in float64, by the combination of the module docstring; ``valid`` as given. Collective: every
+    rank calls it with the same channel count.
+    """
+    group = dist.group.WORLD if process_group is None else process_group
+    mean = statistics.mean.double()
+    local = torch.cat([statistics.count.double().reshape(1), mean, torch.zeros_like(mean), statistics.var.double()])
+    count, mean, var = _combine(_all_gather(local, group))
+    return functional.Statistics(mean, var, count, statistics.valid)
 
 
 def summing(process_group: Any = None) -> Callable[[Tensor], None]:

@@ -57,6 +57,7 @@ __all__ = [
     "renorm_affine",
     "update_moving_statistics",
     "update_renorm_statistics",
+    "assign",
 ]
 
 Axes = int | Sequence[int]
@@ -633,7 +634,7 @@ def update_renorm_statistics(
     # From the stored value (Keras takes it before storing: the same in float32 buffers, an ulp
     # apart in 16-bit ones); relu: rounding may take the square below epsilon (Keras's comment).
     stored = moving_stddev.to(torch.promote_types(moving_stddev.dtype, mean.dtype))
-    _assign(moving_variance, (stored * stored - epsilon).relu_(), valid)
+    assign(moving_variance, (stored * stored - epsilon).relu_(), valid)
 
 
 def _move_toward(moving: Tensor, batch: Tensor, valid: Tensor | bool, weight: float) -> None:
@@ -645,7 +646,7 @@ def _move_toward(moving: Tensor, batch: Tensor, valid: Tensor | bool, weight: fl
         moving.lerp_(target, weight)
     else:  # blend in the wider dtype, store in the buffer's
         wide = torch.promote_types(moving.dtype, target.dtype)
-        _assign(moving, moving.to(wide, copy=True).lerp_(target.to(wide), weight), True)
+        assign(moving, moving.to(wide, copy=True).lerp_(target.to(wide), weight), True)
 
 
 def _constant(t: Tensor) -> Tensor:
@@ -653,11 +654,12 @@ def _constant(t: Tensor) -> Tensor:
     return t.detach() if t.requires_grad else t
 
 
-def _assign(moving: Tensor, value: Tensor, valid: Tensor | bool) -> None:
+def assign(moving: Tensor, value: Tensor, valid: Tensor | bool) -> None:
     """``moving = value`` in place for the ``valid`` channels whose value is finite in ``moving``'s dtype.
 
     A value beyond the buffer's range (a float16 buffer and a variance above 65504) would be
-    stored as inf: that channel keeps its value (SPEC section 5).
+    stored as inf: that channel keeps its value (SPEC section 5). Unlike a moving average at
+    momentum 0, this also replaces a non-finite value (recalibration repairs poisoned statistics).
     """
     if value.dtype != moving.dtype:
         value = value.to(moving.dtype)
