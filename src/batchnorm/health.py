@@ -79,13 +79,14 @@ def inspect(
     *,
     plot: str | Path | None = None,
     progress: bool = False,
-    file: TextIO | None = sys.stdout,
+    quiet: bool = False,
+    file: TextIO | None = None,
 ) -> list[LayerHealth]:
     """Each batch normalization's health over ``batches`` (module docstring), printed and returned.
 
     ``batches`` as for :func:`batchnorm.recalibrate` (tensors, ``(inputs, mask)`` pairs, dicts).
-    The table goes to ``file`` (``None``: nothing printed); ``plot=PATH`` also writes a PNG of
-    each layer's mean shifts and variance ratios (needs matplotlib). Nothing in the model
+    The table is printed to ``file`` (default: ``sys.stdout``) unless ``quiet``; ``plot=PATH``
+    also writes a PNG of each layer's mean shifts and variance ratios (needs matplotlib). Nothing in the model
     changes. Collective where the model has synchronized layers, as :func:`recalibrate`.
     """
     frozen_by_mode = {m for m in model.modules() if model.training and not m.training}
@@ -93,8 +94,8 @@ def inspect(
     report = [
         _health(path, layer, statistics, layer in frozen_by_mode) for path, (layer, statistics) in measured.items()
     ]
-    if file is not None:
-        print(format_table(report), file=file)
+    if not quiet:
+        print(format_table(report), file=sys.stdout if file is None else file)
     if plot is not None:
         _plot(report, Path(plot))
     return report
@@ -225,7 +226,9 @@ def _plot(report: list[LayerHealth], path: Path) -> None:
     plt.close(figure)
 
 
-def inspect_files(model_path: str | Path, data_path: str | Path, *, batch_size: int, plot: str | Path | None = None):
+def inspect_files(
+    model_path: str | Path, data_path: str | Path, *, batch_size: int, plot: str | Path | None = None
+) -> list[LayerHealth]:
     """:func:`inspect` of a model saved whole with ``torch.save(model)`` over the data of another
     ``torch.save`` file: a tensor, an ``(inputs, mask)`` pair or a dict of the model's arguments,
     cut into batches of ``batch_size`` along dimension 0 (``python -m batchnorm inspect``).
