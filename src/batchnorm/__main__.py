@@ -24,6 +24,13 @@ def _run_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_inspect(args: argparse.Namespace) -> int:
+    from batchnorm.health import inspect_files
+
+    report = inspect_files(args.model, args.data, batch_size=args.batch_size, plot=args.plot)
+    return 1 if any(health.stale for health in report) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from batchnorm.bench import add_arguments, positive_int  # torch only: no optional dependency
 
@@ -66,6 +73,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_arguments(bench)
     bench.set_defaults(func=_run_bench)
+
+    inspect = commands.add_parser(
+        "inspect",
+        help="report how far each batch normalization's moving statistics are from the data's",
+        description="Load a model saved whole with torch.save(model) (a pickle: only files you trust) "
+        "and a tensor saved with torch.save (or an (inputs, mask) pair, or a dict of the model's "
+        "arguments, split along dimension 0), and print each batch normalization's health: mean "
+        "shift, variance ratio, non-finite and dead channels, renorm r/d. Exit status 1 if a "
+        "layer is stale. A state_dict checkpoint holds no model to run: save the model itself.",
+    )
+    inspect.add_argument("model", metavar="MODEL", help="a file written by torch.save(model)")
+    inspect.add_argument("data", metavar="DATA", help="a file written by torch.save(tensor | (inputs, mask) | dict)")
+    inspect.add_argument(
+        "--batch-size",
+        type=positive_int,
+        default=256,
+        metavar="N",
+        help="batch size of the pass (default: %(default)s)",
+    )
+    inspect.add_argument("--plot", metavar="PATH", help="also write a PNG of each layer's channels")
+    inspect.set_defaults(func=_run_inspect)
     return parser
 
 

@@ -62,7 +62,7 @@ def _replace(
     sites = [
         (parent, name, child, f"{path}.{name}" if path else name)
         for path, parent in root.named_modules()
-        for name, child in parent.named_children()
+        for name, child in parent._modules.items()  # every place: named_children() skips repeats
         if isinstance(child, kind)
     ]
     replacements: dict[int, nn.Module] = {}
@@ -209,10 +209,28 @@ def _to_torch_layer(layer: BatchNormalization, path: str) -> _BatchNorm:
 
 class Folded(nn.Identity):
     """What :func:`fold` leaves where a batch normalization was: its input, whatever else the model
-    passes to the layer (``training=``, ``mask=``)."""
+    passes to the layer (``training=``, ``mask=``).
+
+    ``rank``: the only input rank for which the fold holds, where the model does not fix it (a
+    torch ``BatchNorm1d`` after ``Linear`` normalized the features of ``(N, features)`` inputs
+    only; on ``(N, L, features)`` it normalized ``L``): another rank raises ``ValueError``
+    rather than give wrong outputs.
+    """
+
+    def __init__(self, rank: int | None = None) -> None:
+        super().__init__()
+        self.rank = rank
 
     def forward(self, input: Tensor, *args, **kwargs) -> Tensor:
+        if self.rank is not None and input.dim() != self.rank:
+            raise ValueError(
+                f"a batch normalization folded for inputs of rank {self.rank} received one of shape "
+                f"{tuple(input.shape)}: fold the model without it, or give the model rank-{self.rank} inputs"
+            )
         return input
+
+    def extra_repr(self) -> str:
+        return "" if self.rank is None else f"rank={self.rank}"
 
 
 class _Tracer(fx.Tracer):
@@ -228,7 +246,8 @@ def fold(module: nn.Module) -> nn.Module:
     A batch normalization (ours or torch's) folds when it directly follows a ``Conv1d/2d/3d``,
     ``ConvTranspose1d/2d/3d`` or ``Linear`` on that layer's output channels (ours: ``axis`` 1
     after a convolution, the last axis after ``Linear``; torch's: any after a convolution,
-    ``BatchNorm1d`` after ``Linear``, whose input is then ``(N, features)``), and neither module
+    ``BatchNorm1d`` after ``Linear`` for ``(N, features)`` inputs, which its :class:`Folded`
+    checks at each call), and neither module
     is shared nor the layer's output used elsewhere. Its inference map (module docstring) goes
     into the layer's weight and bias, computed in float64, and a :class:`Folded` identity takes
     its place. The pairs come from ``torch.fx`` when the model traces, else from adjacent
@@ -254,7 +273,8 @@ def fold(module: nn.Module) -> nn.Module:
             reason = "shared: it or its Conv/Linear is used at several places"
         if reason is None:
             _fold_into(producer, bn)
-            _set_module(folded, bn_path, Folded())
+            rank = 2 if isinstance(producer, nn.Linear) and isinstance(bn, _BatchNorm) else None
+            _set_module(folded, bn_path, Folded(rank).eval())
             del unfolded[bn_path]
         else:
             unfolded[bn_path] = reason

@@ -35,7 +35,7 @@ from . import functional
 from .layer import BatchNormalization
 from .population import population_statistics
 
-__all__ = ["inspect", "LayerHealth", "format_table", "MAX_MEAN_SHIFT", "VARIANCE_RATIO_RANGE"]
+__all__ = ["inspect", "inspect_files", "LayerHealth", "format_table", "MAX_MEAN_SHIFT", "VARIANCE_RATIO_RANGE"]
 
 MAX_MEAN_SHIFT = 0.5  # standard deviations
 VARIANCE_RATIO_RANGE = (0.5, 2.0)
@@ -79,13 +79,14 @@ def inspect(
     *,
     plot: str | Path | None = None,
     progress: bool = False,
-    file: TextIO | None = sys.stdout,
+    quiet: bool = False,
+    file: TextIO | None = None,
 ) -> list[LayerHealth]:
     """Each batch normalization's health over ``batches`` (module docstring), printed and returned.
 
     ``batches`` as for :func:`batchnorm.recalibrate` (tensors, ``(inputs, mask)`` pairs, dicts).
-    The table goes to ``file`` (``None``: nothing printed); ``plot=PATH`` also writes a PNG of
-    each layer's mean shifts and variance ratios (needs matplotlib). Nothing in the model
+    The table is printed to ``file`` (default: ``sys.stdout``) unless ``quiet``; ``plot=PATH``
+    also writes a PNG of each layer's mean shifts and variance ratios (needs matplotlib). Nothing in the model
     changes. Collective where the model has synchronized layers, as :func:`recalibrate`.
     """
     frozen_by_mode = {m for m in model.modules() if model.training and not m.training}
@@ -93,8 +94,8 @@ def inspect(
     report = [
         _health(path, layer, statistics, layer in frozen_by_mode) for path, (layer, statistics) in measured.items()
     ]
-    if file is not None:
-        print(format_table(report), file=file)
+    if not quiet:
+        print(format_table(report), file=sys.stdout if file is None else file)
     if plot is not None:
         _plot(report, Path(plot))
     return report
@@ -164,7 +165,7 @@ def format_table(report: list[LayerHealth]) -> str:
         "dead",
         "renorm r",
         "renorm d",
-        "",
+        "status",
     )
     rows = [header]
     for h in report:
@@ -223,3 +224,36 @@ def _plot(report: list[LayerHealth], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, dpi=100)
     plt.close(figure)
+
+
+def inspect_files(
+    model_path: str | Path, data_path: str | Path, *, batch_size: int, plot: str | Path | None = None
+) -> list[LayerHealth]:
+    """:func:`inspect` of a model saved whole with ``torch.save(model)`` over the data of another
+    ``torch.save`` file: a tensor, an ``(inputs, mask)`` pair or a dict of the model's arguments,
+    cut into batches of ``batch_size`` along dimension 0 (``python -m batchnorm inspect``).
+
+    The model file is a pickle, loaded with ``weights_only=False``: it can run code, so load only
+    files you trust (as ``torch.load`` warns). The data loads with ``weights_only=True``.
+    """
+    model = torch.load(model_path, map_location="cpu", weights_only=False)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"{model_path} holds a {type(model).__name__}, not a model: save the model itself with "
+            "torch.save(model) (a state_dict holds no architecture to run)"
+        )
+    data = torch.load(data_path, map_location="cpu", weights_only=True)
+    return inspect(model, _batches(data, batch_size), plot=plot)
+
+
+def _batches(data: Any, batch_size: int) -> list[Any]:
+    """``data`` (a tensor, a pair of tensors or a dict of tensors) cut along dimension 0."""
+    if isinstance(data, Tensor):
+        return list(data.split(batch_size))
+    if isinstance(data, (tuple, list)):
+        return list(zip(*(part.split(batch_size) for part in data)))
+    if isinstance(data, dict):
+        return [dict(zip(data, parts)) for parts in zip(*(t.split(batch_size) for t in data.values()))]
+    raise ValueError(
+        f"the data must be a tensor, an (inputs, mask) pair or a dict of tensors, received a {type(data).__name__}"
+    )

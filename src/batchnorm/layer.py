@@ -630,7 +630,7 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
                 mask = torch.as_tensor(mask, device=inputs.device)
             functional.check_mask(mask, shape, axes)
         ghost = self.virtual_batch_size
-        if ghost is not None and shape[0] % ghost and self._uses_batch_statistics(training):
+        if ghost is not None and self._uses_batch_statistics(training) and shape[0] % ghost:
             raise ValueError(
                 f"virtual_batch_size={ghost} must divide the batch size of a training call, "
                 f"received inputs of shape {tuple(shape)} (batch size {shape[0]})"
@@ -759,6 +759,18 @@ class BatchNormalization(LazyModuleMixin, nn.Module):
             renorm_momentum=self.renorm_momentum,
             epsilon=self.epsilon,
         )
+
+    def extra_repr(self) -> str:
+        """What ``print(model)`` shows, as torch's modules: the channel sizes once built, ``axis``,
+        ``momentum`` and ``epsilon`` always (the conventions that differ from torch's), then the
+        arguments that differ from Keras's defaults."""
+        parts = [] if not self.built else [", ".join(map(str, self.moving_variance.shape))]
+        parts += [f"axis={self.axis}", f"momentum={self.momentum}", f"epsilon={self.epsilon}"]
+        flags = {"center": True, "scale": True, "renorm": False, "synchronized": False, "trainable": True}
+        parts += [f"{name}={getattr(self, name)}" for name, default in flags.items() if getattr(self, name) != default]
+        if self.virtual_batch_size is not None:
+            parts.append(f"virtual_batch_size={self.virtual_batch_size}")
+        return ", ".join(parts)
 
     # -------------------------------------------------------------- regularizers, constraints
 
