@@ -214,7 +214,7 @@ def _plot(report: list[LayerHealth], path: Path) -> None:
         ratio_axes.scatter([index] * len(ratios), ratios, s=8, color=color, alpha=0.6)
     shift_axes.axhline(MAX_MEAN_SHIFT, linestyle="--", color="gray")
     shift_axes.set_ylabel("mean shift (std)")
-    shift_axes.set_title("moving statistics against the statistics of the given batches (red: stale)")
+    shift_axes.set_title("moving vs. batches' statistics (red: stale)", fontsize=10)
     for bound in VARIANCE_RATIO_RANGE:
         ratio_axes.axhline(bound, linestyle="--", color="gray")
     ratio_axes.set_yscale("log")
