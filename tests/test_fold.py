@@ -414,3 +414,91 @@ def test_fold_of_a_model_in_either_mode_gives_an_eval_copy(training):
     assert isinstance(folded[1], nn.Identity)
     assert [name for name, m in folded.named_modules() if m.training] == []  # the Folded identity too
     assert_outputs_equal(folded, model, _batch((3, IN, 4, 4), 7))
+
+
+# ------------------------------------------------------- producers whose weight fold cannot rewrite
+
+
+class StandardizedConv(nn.Conv2d):
+    """A convolution with its own forward (weight standardization): its weight is not what it applies."""
+
+    def forward(self, x):
+        weight = (self.weight - self.weight.mean((1, 2, 3), keepdim=True)) / self.weight.std((1, 2, 3), keepdim=True)
+        return nn.functional.conv2d(x, weight, self.bias)
+
+
+class UntraceableStandardized(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(StandardizedConv(3, 4, 3), nn.BatchNorm2d(4))
+
+    def forward(self, x):
+        if float(x.mean()) > 100:  # data-dependent: torch.fx cannot trace it
+            return x
+        return self.body(x)
+
+
+def _parametrized():
+    return nn.Sequential(nn.utils.parametrizations.weight_norm(nn.Conv2d(3, 4, 3)), nn.BatchNorm2d(4))
+
+
+def _tied():
+    first, second = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1)
+    second.weight = first.weight
+    return nn.Sequential(first, nn.BatchNorm2d(3), second)
+
+
+def _hooked():
+    conv = nn.Conv2d(3, 4, 3)
+    conv.register_forward_pre_hook(lambda module, args: (args[0] * 2,))
+    return nn.Sequential(conv, nn.BatchNorm2d(4))
+
+
+@pytest.mark.parametrize(
+    "factory, reason",
+    [
+        (_parametrized, "parametrization"),
+        (_tied, "shares a weight"),
+        (_hooked, "hook"),
+        (UntraceableStandardized, "its own forward"),
+    ],
+    ids=["weight_norm", "tied-weights", "pre-hook", "own-forward"],
+)
+def test_a_producer_whose_weight_is_not_what_it_applies_is_not_folded(factory, reason):
+    torch.manual_seed(0)
+    model = trained(factory(), (4, 3, 6, 6))
+    folded, caught = fold_checked(model)
+    [message] = fold_warnings(caught)
+    assert "fold left 1 " in message and reason in message
+    assert sum(is_bn(m) for m in folded.modules()) == 1
+    assert_outputs_equal(folded, model, _batch((4, 3, 6, 6), 3))
+
+
+def test_a_converted_batchnorm1d_after_linear_folds_for_its_rank():
+    """from_torch's layer from BatchNorm1d has no rank until called: it folds as BatchNorm1d does,
+    for (N, features) inputs, which its Folded checks."""
+    torch.manual_seed(0)
+    model = batchnorm.from_torch(trained(nn.Sequential(nn.Linear(IN, OUT), nn.BatchNorm1d(OUT)), (8, IN)))
+    assert model[1]._built_shape is None
+    folded, caught = fold_checked(model)
+    assert fold_warnings(caught) == []
+    assert isinstance(folded[1], batchnorm.convert.Folded) and folded[1].rank == 2
+    assert_outputs_equal(folded, model, _batch((5, IN), 4))
+    with pytest.raises(ValueError, match="rank 2"):
+        folded(_batch((5, OUT, IN), 4))
+
+
+def test_a_batch_normalization_called_twice_is_not_folded_and_the_reason_says_so():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.first, self.second, self.bn = nn.Conv2d(3, 3, 1), nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3)
+
+        def forward(self, x):
+            return self.bn(self.second(self.bn(self.first(x))))
+
+    torch.manual_seed(0)
+    model = trained(Twice(), (4, 3, 5, 5))
+    folded, caught = fold_checked(model)
+    assert fold_warnings(caught) == ["fold left 1 batch normalization layer(s) unfolded: bn (called 2 times)"]
+    assert_outputs_equal(folded, model, _batch((4, 3, 5, 5), 5))

@@ -227,3 +227,20 @@ def test_command_line(healthy, tmp_path, capsys):
     torch.save(model.state_dict(), model_path)
     with pytest.raises(ValueError, match="state_dict holds no architecture"):
         main(["inspect", str(model_path), str(data_path)])
+
+
+def test_layers_not_reached_and_no_batches_are_said(capsys):
+    class Branch(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.taken, self.skipped = nn.BatchNorm1d(3), BatchNormalization(axis=-1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.taken(x)
+
+    report = batchnorm.inspect(Branch(), [torch.randn(8, 3)])
+    assert [health.path for health in report] == ["taken"]
+    assert "not reached by the batches, not inspected: skipped" in capsys.readouterr().out
+    assert batchnorm.inspect(Branch(), []) == []
+    printed = capsys.readouterr().out
+    assert "no batch normalization reached" in printed and "taken, skipped" in printed

@@ -119,11 +119,13 @@ def _is_bn(module: nn.Module) -> bool:
     return isinstance(module, (BatchNormalization, _BatchNorm))
 
 
-def _measured(module: nn.Module) -> bool:
-    """Whether the contract has recalibration set this layer's moving statistics."""
+def _measured(module: nn.Module, model: nn.Module) -> bool:
+    """Whether the contract has recalibration set this layer's moving statistics: not frozen (ours
+    with trainable=False; torch's in eval() inside a model in train()), and torch's tracking."""
     if isinstance(module, BatchNormalization):
         return module.trainable
-    return isinstance(module, _BatchNorm) and module.track_running_stats
+    frozen = model.training and not module.training
+    return isinstance(module, _BatchNorm) and module.track_running_stats and not frozen
 
 
 def _axes(layer: nn.Module, rank: int) -> tuple[int, ...]:
@@ -190,8 +192,8 @@ def _reference(net: Net, batches, populations=None):
             ours = isinstance(layer, BatchNormalization)
             layer_rows = _rows(x, _axes(layer, x.dim()), mask if ours else None)
             batch_stats = (layer_rows.mean(0), layer_rows.var(0, unbiased=False)) if len(layer_rows) else None
-            if not _measured(layer):  # ours frozen: moving statistics; torch's untracked: the batch's
-                mean, var = _moving(layer) if ours else batch_stats
+            if not _measured(layer, net):  # frozen: moving statistics; torch's untracked: the batch's
+                mean, var = _moving(layer) if ours or layer.track_running_stats else batch_stats
             elif populations is not None:
                 mean, var, count = populations[index]
                 var = var if ours else var * count / (count - 1)
@@ -266,7 +268,7 @@ def _recalibrated(model: Net, batches, *, moved=None, **options) -> dict:
     populations = _reference(model, batches)
     before = _state(model)
     if moved is None:
-        moved = [f"layers.{i}" for i, layer in enumerate(model.layers) if _measured(layer)]
+        moved = [f"layers.{i}" for i, layer in enumerate(model.layers) if _measured(layer, model)]
     assert recalibrate(model, batches, **options) is model
     _assert_nothing_else_changed(model, before, moved=moved)
     return populations
@@ -292,9 +294,11 @@ def test_dense_model_gets_the_exact_population_over_unequal_batches(modes):
     _set_modes(model, modes)
     batches = _batches([5, 17, 2, 9], (4,))
     populations = _recalibrated(model, batches)
-    assert sorted(populations) == [1, 5, 8]
+    frozen_torch_layer = modes == "mixed"  # torch's idiom: in eval() inside a model in train()
+    assert sorted(populations) == ([1, 8] if frozen_torch_layer else [1, 5, 8])
     _assert_population(model.layers[1], populations[1], FIRST_TOLERANCE, "first layer ")
-    _assert_population(model.layers[5], populations[5], where="torch's BatchNorm1d ")
+    if not frozen_torch_layer:
+        _assert_population(model.layers[5], populations[5], where="torch's BatchNorm1d ")
     _assert_population(model.layers[8], populations[8], where="last layer ")
     assert populations[1][2] == 33 and int(model.layers[5].num_batches_tracked) == 7
 
@@ -585,3 +589,34 @@ def _distributed_worker() -> int:
 def test_two_processes_with_unequal_shards_combine_synchronized_layers_only():
     """Rank 0: 3 batches, rank 1: 1 batch, then none (its layers built); masks on our layers."""
     assert run_local_group(_distributed_worker, 2, timeout_s=60, deadline_s=240) == [len(SHARDS)] * 2
+
+
+# ----------------------------------------------------------------- batch forms and patched forwards
+
+
+def test_one_tuples_are_inputs_and_a_labels_pair_is_refused():
+    """A DataLoader over TensorDataset(x) yields [x]: the inputs. (x, labels) would pass the labels as
+    the mask of a model that takes one: refused unless the second item holds only 0/1 or booleans."""
+    model = _dense_net()
+    batches = _batches([5, 17, 2, 9], (4,))
+    expected = copy.deepcopy(model)
+    recalibrate(expected, batches)
+    recalibrate(model, [[x] for x in batches])
+    for layer, reference in zip(model.layers, expected.layers):
+        if _is_bn(layer):
+            torch.testing.assert_close(_moving(layer), _moving(reference), rtol=0, atol=0)
+    labels = torch.tensor([0, 3, 1, 2, 9])
+    before = _state(model)
+    with pytest.raises(ValueError, match="the second item of a batch pair is the mask.*up to 9"):
+        recalibrate(model, [(batches[0], labels)])
+    _assert_nothing_else_changed(model, before)
+
+
+def test_a_forward_set_on_the_instance_is_kept():
+    model = _dense_net()
+    layer = model.layers[1]
+    patched = layer.forward  # e.g. a hook library wrapping it
+    layer.forward = patched
+    recalibrate(model, _batches([5, 7], (4,)))
+    assert vars(layer)["forward"] is patched
+    assert not [m for m in model.modules() if m is not layer and "forward" in vars(m)]

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor, fx, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parameter import is_lazy
+from torch.nn.utils import parametrize
 
 from .layer import BatchNormalization
 
@@ -260,21 +261,29 @@ def fold(module: nn.Module) -> nn.Module:
     folded = copy.deepcopy(module).eval()
     modules = dict(folded.named_modules())
     uses = Counter(id(m) for _, m in folded.named_modules(remove_duplicate=False))
+    tied = {i for i, n in Counter(id(p) for _, p in folded.named_parameters(remove_duplicate=False)).items() if n > 1}
     graph = _trace(folded)
     if graph is None:
         pairs, elsewhere = _sequential_pairs(modules), "torch.fx cannot trace the model: only nn.Sequential pairs fold"
+        calls = Counter()
     else:
-        pairs, elsewhere = _graph_pairs(graph, modules), "not directly after a Conv/ConvTranspose/Linear"
-    unfolded = {path: elsewhere for path, m in modules.items() if _is_bn(m)}
+        calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+        pairs, elsewhere = _graph_pairs(graph, modules, calls), "not directly after a Conv/ConvTranspose/Linear"
+    unfolded = {
+        path: f"called {calls[path]} times" if calls[path] > 1 else elsewhere
+        for path, m in modules.items()
+        if _is_bn(m)
+    }
     for producer_path, bn_path in pairs:
         producer, bn = modules[producer_path], modules[bn_path]
         reason = _why_not_foldable(producer, bn)
         if uses[id(producer)] > 1 or uses[id(bn)] > 1:
             reason = "shared: it or its Conv/Linear is used at several places"
+        elif any(id(p) in tied for p in producer.parameters(recurse=False)):
+            reason = "its Conv/Linear shares a weight with another module"
         if reason is None:
             _fold_into(producer, bn)
-            rank = 2 if isinstance(producer, nn.Linear) and isinstance(bn, _BatchNorm) else None
-            _set_module(folded, bn_path, Folded(rank).eval())
+            _set_module(folded, bn_path, Folded(_folded_rank(producer, bn)).eval())
             del unfolded[bn_path]
         else:
             unfolded[bn_path] = reason
@@ -296,10 +305,10 @@ def _trace(model: nn.Module) -> fx.Graph | None:
         return None
 
 
-def _graph_pairs(graph: fx.Graph, modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
+def _graph_pairs(graph: fx.Graph, modules: dict[str, nn.Module], calls: Counter) -> list[tuple[str, str]]:
     """The (Conv/Linear path, batch normalization path) pairs of the graph where the second takes the
-    first's output, which feeds nothing else, each module called once and ours in its own mode."""
-    calls = Counter(node.target for node in graph.nodes if node.op == "call_module")
+    first's output, which feeds nothing else, each module called once (``calls``: per module path)
+    and ours in its own mode."""
     pairs = []
     for node in graph.nodes:
         if node.op != "call_module" or not _is_bn(modules[node.target]) or not node.args:
@@ -339,6 +348,11 @@ def _inference_call(node: fx.Node) -> bool:
 
 def _why_not_foldable(producer: nn.Module, bn: nn.Module) -> str | None:
     """``None`` when ``bn`` normalizes ``producer``'s output channels with fixed statistics, else why not."""
+    torch_class = next(cls for cls in _FOLDS_INTO if isinstance(producer, cls))
+    if parametrize.is_parametrized(producer) or producer._forward_pre_hooks or producer._forward_hooks:
+        return f"the {torch_class.__name__}'s weight is computed (a parametrization or a hook)"
+    if type(producer).forward is not torch_class.forward:
+        return f"{type(producer).__name__} has its own forward"
     channels = producer.out_features if isinstance(producer, nn.Linear) else producer.out_channels
     if isinstance(bn, _BatchNorm):
         if not bn.track_running_stats:
@@ -353,13 +367,24 @@ def _why_not_foldable(producer: nn.Module, bn: nn.Module) -> str | None:
     linear = isinstance(producer, nn.Linear)
     axis = bn.axis if isinstance(bn.axis, int) else bn.axis[0]
     rank = None if bn._built_shape is None else len(bn._built_shape)
-    if rank is None:  # not fixed yet: only the axes that name the channels at any rank
-        matches = axis == (-1 if linear else 1)
+    if rank is None:  # not fixed yet: the axes that name the channels at any rank, and 1 of (N, features)
+        matches = axis in ((-1, 1) if linear else (1,))
     else:  # a convolution's output is (N, C, *spatial); Linear's features are last
         matches = axis % rank == rank - 1 if linear else axis % rank == 1 and rank == len(producer.kernel_size) + 2
     if not matches:
         return f"axis={bn.axis} is not the channel axis of the {type(producer).__name__} output"
     return None if bn.moving_variance.shape[0] == channels else "another channel count"
+
+
+def _folded_rank(producer: nn.Module, bn: nn.Module) -> int | None:
+    """The input rank that the fold of ``bn`` after ``producer`` holds for, where the model does not fix
+    it: 2 for a batch normalization on axis 1 after ``Linear`` (torch's ``BatchNorm1d``, or ours
+    converted from one and not called yet), which normalized ``L`` of ``(N, L, features)`` inputs."""
+    if not isinstance(producer, nn.Linear):
+        return None
+    if isinstance(bn, _BatchNorm):
+        return 2
+    return 2 if bn._built_shape is None and bn.axis in (1, (1,), [1]) else None
 
 
 @torch.no_grad()

@@ -30,10 +30,11 @@ from typing import Any, TextIO
 
 import torch
 from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional
 from .layer import BatchNormalization
-from .population import population_statistics
+from .population import frozen_layers, population_statistics
 
 __all__ = ["inspect", "inspect_files", "LayerHealth", "format_table", "MAX_MEAN_SHIFT", "VARIANCE_RATIO_RANGE"]
 
@@ -89,20 +90,22 @@ def inspect(
     also writes a PNG of each layer's mean shifts and variance ratios (needs matplotlib). Nothing in the model
     changes. Collective where the model has synchronized layers, as :func:`recalibrate`.
     """
-    frozen_by_mode = {m for m in model.modules() if model.training and not m.training}
+    frozen = frozen_layers(model)
     measured = population_statistics(model, batches, progress=progress, description="inspect")
-    report = [
-        _health(path, layer, statistics, layer in frozen_by_mode) for path, (layer, statistics) in measured.items()
-    ]
+    report = [_health(path, layer, statistics, layer in frozen) for path, (layer, statistics) in measured.items()]
     if not quiet:
-        print(format_table(report), file=sys.stdout if file is None else file)
+        layers = [
+            path or "<root>" for path, m in model.named_modules() if isinstance(m, (BatchNormalization, _BatchNorm))
+        ]
+        unreached = [path for path in layers if path not in {h.path for h in report}]
+        print(format_table(report, unreached), file=sys.stdout if file is None else file)
     if plot is not None:
         _plot(report, Path(plot))
     return report
 
 
 @torch.no_grad()
-def _health(path: str, layer: nn.Module, population: functional.Statistics, frozen_by_mode: bool) -> LayerHealth:
+def _health(path: str, layer: nn.Module, population: functional.Statistics, frozen: bool) -> LayerHealth:
     mean, var, count, _ = population
     if isinstance(layer, BatchNormalization):
         moving_mean, moving_variance, gamma, epsilon = (
@@ -111,11 +114,9 @@ def _health(path: str, layer: nn.Module, population: functional.Statistics, froz
             layer.gamma,
             layer.epsilon,
         )
-        frozen = not layer.trainable
     else:  # torch keeps the unbiased variance: compare like with like
         moving_mean, moving_variance, gamma, epsilon = layer.running_mean, layer.running_var, layer.weight, layer.eps
         var = var * count / (count - 1).clamp(min=1)
-        frozen = frozen_by_mode
     moving_mean, moving_variance = moving_mean.double().reshape(-1), moving_variance.double().reshape(-1)
     not_finite = ~(mean.isfinite() & var.isfinite() & moving_mean.isfinite() & moving_variance.isfinite())
     dead = var <= _DEAD_VARIANCE * epsilon
@@ -152,8 +153,9 @@ def _channels(indices: list[int]) -> str:
     return f"{len(indices)} ({shown}{',...' if len(indices) > 4 else ''})"
 
 
-def format_table(report: list[LayerHealth]) -> str:
-    """The report as a text table, one row per layer, the stale ones marked."""
+def format_table(report: list[LayerHealth], unreached: list[str] = ()) -> str:
+    """The report as a text table, one row per layer, the stale ones marked; then the ``unreached``
+    layers (paths of those no batch reached), if any."""
     header = (
         "layer",
         "kind",
@@ -188,6 +190,10 @@ def format_table(report: list[LayerHealth]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths).rstrip())
+    if not report:
+        lines.append("(no batch normalization reached: no layer, or no batch)")
+    if unreached:
+        lines.append(f"not reached by the batches, not inspected: {', '.join(unreached)}")
     lowest, highest = VARIANCE_RATIO_RANGE
     lines.append(
         f"mean shift: max |moving mean - mean| / std over channels (stale above {MAX_MEAN_SHIFT}); "

@@ -13,9 +13,10 @@ masked-out positions excluded), Chan's combination gives the population's, whate
 (dropout and the like off). Each layer being measured normalizes with its own batch's statistics
 (the plain formula, over the whole batch: no ghost batches, no renorm correction, no per-call
 synchronization), so that the layers after it see inputs distributed as inference will give them
-once it holds the population statistics. Our frozen layers (``trainable=False``) keep inference
-mode and their moving statistics, as Keras's fine-tuning rule says; torch's layers that track no
-running statistics keep their own behaviour. Synchronized layers (ours with ``synchronized=True``,
+once it holds the population statistics. Frozen layers (:func:`frozen_layers`: ours with
+``trainable=False``, torch's in ``eval()`` inside a model in ``train()``) keep inference mode and
+their moving statistics, as Keras's fine-tuning rule says; torch's layers that track no running
+statistics keep their own behaviour. Synchronized layers (ours with ``synchronized=True``,
 torch's ``SyncBatchNorm``) combine their populations across their process group once, after the
 pass: the ranks may hold different numbers of batches.
 """
@@ -33,15 +34,29 @@ from . import distributed, functional
 from .functional import Statistics
 from .layer import BatchNormalization
 
-__all__ = ["recalibrate", "population_statistics", "is_measured"]
+__all__ = ["recalibrate", "population_statistics", "frozen_layers", "is_measured"]
 
 
-def is_measured(module: nn.Module) -> bool:
-    """Whether recalibration sets ``module``'s moving statistics: our trainable layers and torch's
-    batch normalizations that track running statistics."""
-    if isinstance(module, BatchNormalization):
-        return module.trainable
-    return isinstance(module, _BatchNorm) and module.track_running_stats
+def frozen_layers(model: nn.Module) -> set[nn.Module]:
+    """The batch normalizations of ``model`` that are frozen: ours with ``trainable=False`` (Keras's
+    rule), and torch's in ``eval()`` inside a model in ``train()`` (torch's idiom for freezing them)."""
+    return {
+        m
+        for m in model.modules()
+        if isinstance(m, BatchNormalization)
+        and not m.trainable
+        or isinstance(m, _BatchNorm)
+        and model.training
+        and not m.training
+    }
+
+
+def is_measured(module: nn.Module, frozen: set[nn.Module]) -> bool:
+    """Whether recalibration sets ``module``'s moving statistics: a batch normalization that is not
+    ``frozen`` (:func:`frozen_layers`) and, for torch's, tracks running statistics."""
+    if module in frozen:
+        return False
+    return isinstance(module, BatchNormalization) or isinstance(module, _BatchNorm) and module.track_running_stats
 
 
 class _Population:
@@ -71,11 +86,10 @@ def _input_statistics(x: Tensor, axes: tuple[int, ...], mask: Tensor | None) -> 
     return functional.batch_statistics(functional.channel_view(x, axes, order), inside)
 
 
-def _measuring_forward(module: nn.Module, population: _Population) -> Callable[..., Tensor]:
+def _measuring_forward(module: nn.Module, population: _Population, measured: bool) -> Callable[..., Tensor]:
     """``module``'s forward for the pass: adds its input's statistics to ``population``, then normalizes
-    with them (a measured layer) or runs as it is (module docstring)."""
+    with them (a ``measured`` layer) or runs as it is (module docstring)."""
     original = module.forward
-    measured = is_measured(module)
 
     def forward(inputs: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         if isinstance(module, BatchNormalization):
@@ -113,8 +127,11 @@ def population_statistics(
 ) -> dict[str, tuple[nn.Module, Statistics]]:
     """The statistics of every batch normalization's inputs over ``batches`` (the pass of the module docstring).
 
-    A batch is a tensor (``model(batch)``), a pair ``(inputs, mask)`` (``model(inputs, mask=mask)``:
-    the model passes the mask to its layers) or a dict (``model(**batch)``). Returns, by module
+    A batch is a tensor (``model(batch)``), a 1-tuple ``(inputs,)`` (``model(inputs)``: a
+    ``DataLoader`` over ``TensorDataset(x)``), a pair ``(inputs, mask)`` (``model(inputs,
+    mask=mask)``: the model passes the mask to its layers; the mask must hold booleans or 0 and 1,
+    so that ``(inputs, labels)`` batches raise ``ValueError`` instead of masking by labels) or a
+    dict (``model(**batch)``). Returns, by module
     path, each layer called during the pass with its population: float64 ``mean`` and biased
     ``var`` per channel, the 0-dim element ``count`` and ``valid`` (the channels with elements
     and finite statistics). Synchronized layers' populations are their process group's. The
@@ -122,16 +139,21 @@ def population_statistics(
     """
     layers = {path: m for path, m in model.named_modules() if isinstance(m, (BatchNormalization, _BatchNorm))}
     populations = {path: _Population() for path in layers}
+    frozen = frozen_layers(model)
     modes = [(m, m.training) for m in model.modules()]
+    own_forwards = {path: vars(layer)["forward"] for path, layer in layers.items() if "forward" in vars(layer)}
     try:
         model.eval()
         for path, layer in layers.items():
-            layer.forward = _measuring_forward(layer, populations[path])
+            layer.forward = _measuring_forward(layer, populations[path], is_measured(layer, frozen))
         for batch in _progress(batches, progress, description):
             _call(model, batch)
     finally:
-        for layer in layers.values():
-            del layer.forward  # the class's forward again
+        for path, layer in layers.items():
+            if path in own_forwards:  # one set on the instance (a patch, a hook library): kept
+                layer.forward = own_forwards[path]
+            else:
+                del layer.forward  # the class's forward again
         for module, training in modes:
             module.training = training
     result = {}
@@ -148,17 +170,27 @@ def population_statistics(
 
 
 def _call(model: nn.Module, batch: Any) -> Any:
+    """``model`` called on one batch: a tensor, ``(inputs,)``, ``(inputs, mask)`` or a dict of arguments."""
     if isinstance(batch, dict):
         return model(**batch)
-    if isinstance(batch, (tuple, list)):
-        if len(batch) != 2:
-            raise ValueError(
-                f"a batch is a tensor, an (inputs, mask) pair or a dict of the model's arguments, received a "
-                f"{type(batch).__name__} of {len(batch)} items"
-            )
-        inputs, mask = batch
-        return model(inputs, mask=mask)
-    return model(batch)
+    if not isinstance(batch, (tuple, list)):
+        return model(batch)
+    if len(batch) == 1:  # e.g. a DataLoader over TensorDataset(x)
+        return model(batch[0])
+    if len(batch) != 2:
+        raise ValueError(
+            f"a batch is a tensor, an (inputs, mask) pair or a dict of the model's arguments, received a "
+            f"{type(batch).__name__} of {len(batch)} items"
+        )
+    inputs, mask = batch
+    if isinstance(mask, Tensor) and mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
+        # (inputs, labels) from a DataLoader would otherwise pass the labels as the mask
+        raise ValueError(
+            "the second item of a batch pair is the mask, which holds only 0 and 1 (or booleans); received "
+            f"values up to {mask.max().item()}: for (inputs, labels) batches, pass the inputs alone, "
+            "e.g. (x for x, _ in loader)"
+        )
+    return model(inputs, mask=mask)
 
 
 def _progress(batches: Iterable[Any], progress: bool, description: str) -> Iterable[Any]:
@@ -193,15 +225,16 @@ def recalibrate(model: nn.Module, batches: Iterable[Any], *, progress: bool = Fa
     renorm_stddev = sqrt(var + epsilon)`` and ``renorm_mean = mean``; torch's take
     ``running_mean = mean`` and ``running_var = var * n / (n - 1)`` (unbiased, as torch keeps it;
     ``num_batches_tracked`` unchanged). A channel without elements (one for torch's) or with
-    non-finite statistics keeps its values, as does every frozen layer of ours
-    (``trainable=False``). Nothing else in the model changes and its mode is restored.
+    non-finite statistics keeps its values, as does every frozen layer (:func:`frozen_layers`).
+    Nothing else in the model changes and its mode is restored.
 
     Collective for synchronized layers: every rank of their group calls it, with its own batches
     (any number, none included). ``progress=True`` shows a tqdm bar. Returns ``model``.
     """
+    frozen = frozen_layers(model)
     measured = population_statistics(model, batches, progress=progress, description="recalibrate")
     for layer, statistics in measured.values():
-        if not is_measured(layer):
+        if not is_measured(layer, frozen):
             continue
         mean, var, count, valid = statistics
         if isinstance(layer, BatchNormalization):
