@@ -221,6 +221,8 @@ def test_command_line(healthy, tmp_path, capsys):
     assert main(["inspect", str(model_path), str(data_path)]) == 1
     torch.save({"x": data}, data_path)  # the model's arguments by name
     assert main(["inspect", str(model_path), str(data_path)]) == 1
+    torch.save({"x": data, "mask": None}, data_path)  # values that are not tensors go to every batch
+    assert main(["inspect", str(model_path), str(data_path), "--batch-size", "32"]) == 1
     torch.save({"y": data}, data_path)
     with pytest.raises(TypeError, match="y"):
         main(["inspect", str(model_path), str(data_path)])

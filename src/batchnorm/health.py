@@ -253,13 +253,16 @@ def inspect_files(
 
 
 def _batches(data: Any, batch_size: int) -> list[Any]:
-    """``data`` (a tensor, a pair of tensors or a dict of tensors) cut along dimension 0."""
+    """``data`` (a tensor, a pair of tensors or a dict of arguments) cut along dimension 0; a dict's
+    values that are not tensors (``scale=2.0``) go to every batch as they are."""
     if isinstance(data, Tensor):
         return list(data.split(batch_size))
     if isinstance(data, (tuple, list)):
         return list(zip(*(part.split(batch_size) for part in data)))
     if isinstance(data, dict):
-        return [dict(zip(data, parts)) for parts in zip(*(t.split(batch_size) for t in data.values()))]
+        tensors = {key: value.split(batch_size) for key, value in data.items() if isinstance(value, Tensor)}
+        count = min(map(len, tensors.values()), default=1)
+        return [{**data, **{key: parts[i] for key, parts in tensors.items()}} for i in range(count)]
     raise ValueError(
         f"the data must be a tensor, an (inputs, mask) pair or a dict of tensors, received a {type(data).__name__}"
     )
