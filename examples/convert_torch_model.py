@@ -160,9 +160,25 @@ def logits_of(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 # ------------------------------------------------------------------------------------ training
 
 
+def train(model, x, y, optimizer, epochs: int, generator: torch.Generator, schedule=None) -> int:
+    """``epochs`` shuffled passes in batches of BATCH_SIZE, in ``model.train()``, stepping
+    ``schedule`` (if any) after each step. Returns the number of steps."""
+    model.train()
+    steps = 0
+    for _ in range(epochs):
+        for idx in shuffled_batches(len(y), BATCH_SIZE, generator):
+            loss = F.cross_entropy(model(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            if schedule is not None:
+                schedule.step()
+            steps += 1
+    return steps
+
+
 def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, generator: torch.Generator) -> float:
-    """Adam under a one-cycle schedule peaking at PRETRAIN_LR, ``epochs`` shuffled passes in
-    batches of BATCH_SIZE, in ``model.train()``. Returns the seconds it took.
+    """Adam under a one-cycle schedule peaking at PRETRAIN_LR (:func:`train`). Returns the seconds it took.
 
     The schedule ends near 0, so the last steps barely move the weights and PyTorch's moving
     averages (momentum 0.1: ~10 steps) end on the final weights' statistics."""
@@ -170,31 +186,15 @@ def pretrain(model: nn.Module, x: torch.Tensor, y: torch.Tensor, epochs: int, ge
     steps = epochs * (len(y) // BATCH_SIZE)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, PRETRAIN_LR, total_steps=steps)
     started = time.perf_counter()
-    model.train()
-    for _ in range(epochs):
-        for idx in shuffled_batches(len(y), BATCH_SIZE, generator):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            schedule.step()
+    train(model, x, y, optimizer, epochs, generator, schedule)
     return time.perf_counter() - started
 
 
 def fine_tune(model: nn.Module, x: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> int:
-    """FINETUNE_EPOCHS passes of Adam (lr FINETUNE_LR) over the parameters that require a gradient,
-    in ``model.train()``. Returns the number of steps."""
+    """FINETUNE_EPOCHS passes of Adam (lr FINETUNE_LR) over the parameters that require a gradient
+    (:func:`train`). Returns the number of steps."""
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=FINETUNE_LR)
-    model.train()
-    steps = 0
-    for _ in range(FINETUNE_EPOCHS):
-        for idx in shuffled_batches(len(y), BATCH_SIZE, generator):
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            steps += 1
-    return steps
+    return train(model, x, y, optimizer, FINETUNE_EPOCHS, generator)
 
 
 # -------------------------------------------------------------------------------- deployment
