@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from batchnorm import BatchNormalization, set_trainable
+from batchnorm.population import population_statistics
 
 __all__ = ["run_demo", "build_model", "bn_buffers", "buffers_equal"]
 
@@ -166,25 +167,14 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int
     return correct / len(y)
 
 
-@torch.no_grad()
-def _population_stats(model: nn.Module, layer: BatchNormalization, x: torch.Tensor):
-    """Per-channel mean and (biased) variance of ``layer``'s inputs over all of ``x``,
-    with the model's current weights in front of it (captured by a forward pre-hook)."""
-    seen = []
-
-    def hook(_module, args):
-        seen.append(args[0].detach().reshape(-1, args[0].shape[-1]))
-
-    handle = layer.register_forward_pre_hook(hook)
-    was_training = model.training
-    model.eval()  # inference: no buffer is written while we look
-    try:
-        model(x)
-    finally:
-        handle.remove()
-        model.train(was_training)
-    inputs = torch.cat(seen)
-    return inputs.mean(0), inputs.var(0, unbiased=False)
+def _population_stats(
+    model: nn.Module, layer: BatchNormalization, x: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and (biased) variance of ``layer``'s inputs over all of ``x``, with the
+    model's current weights in front of it: :func:`batchnorm.population.population_statistics`,
+    the pass that ``recalibrate`` measures with (nothing in the model is written)."""
+    [statistics] = [s for m, s in population_statistics(model, [x]).values() if m is layer]
+    return statistics.mean.float(), statistics.var.float()
 
 
 # ------------------------------------------------------------------------------------ training
