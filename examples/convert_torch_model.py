@@ -89,7 +89,7 @@ from torch import nn
 import batchnorm
 from batchnorm import BatchNormalization
 from batchnorm.convert import Folded
-from batchnorm.demo import accuracy, load_digits_images, shuffled_batches, single_thread
+from batchnorm.demo import accuracy, load_digits_images, parse_example_args, quick_data, shuffled_batches, single_thread
 
 BATCH_SIZE = 32  # training batches, pretraining and fine-tuning alike
 PRETRAIN_LR = 3e-3  # peak of the pretraining's one-cycle schedule (Adam): annealed to ~0 at the end
@@ -274,7 +274,7 @@ def _run(args: argparse.Namespace) -> dict:
     generator = torch.Generator().manual_seed(args.seed)
     data = load_digits_images(args.seed)
     if args.quick:
-        data.x_train, data.y_train = data.x_train[: QUICK["train_images"]], data.y_train[: QUICK["train_images"]]
+        data = quick_data(data, QUICK)
     # load_digits_images gives channels-last (N, 8, 8, 1) images; PyTorch's Conv2d takes (N, 1, 8, 8).
     x_train, y_train = data.x_train.permute(0, 3, 1, 2).contiguous(), data.y_train
     x_test, y_test = data.x_test.permute(0, 3, 1, 2).contiguous(), data.y_test
@@ -455,16 +455,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--out-dir", default="convert-out", help="directory for the figures and the .onnx (default: %(default)s)"
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a smoke run: {QUICK['epochs']} epoch on {QUICK['train_images']} training images (overrides --epochs)",
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs = QUICK["epochs"]
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
+    args = parse_example_args(parser, argv, QUICK)
     if not 2 <= args.pretrain_classes <= 10:
         parser.error("--pretrain-classes must be between 2 and 10")
     return args

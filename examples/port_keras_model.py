@@ -72,7 +72,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from batchnorm import BatchNormalization, load_keras_weights  # noqa: E402
-from batchnorm.demo import load_digits_images, single_thread  # noqa: E402
+from batchnorm.demo import load_digits_images, parse_example_args, quick_data, single_thread  # noqa: E402
 
 TOLERANCE = 1e-4  # the largest |Keras logit - PyTorch logit| on the test set that counts as the same model
 BATCH_SIZE = 32
@@ -260,7 +260,7 @@ def _run(args: argparse.Namespace) -> dict:
     started = time.perf_counter()
     data = load_digits_images(args.seed)
     if args.quick:
-        data.x_train, data.y_train = data.x_train[: QUICK["train_images"]], data.y_train[: QUICK["train_images"]]
+        data = quick_data(data, QUICK)
     keras_model, train_seconds = train_keras_model(data, args.epochs, args.seed)
     out_dir = Path(args.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -320,16 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=0, help="data split, initialization and batch order (default: %(default)s)"
     )
     parser.add_argument("--out-dir", default="port-out", help=f"directory for {FILE_NAME} (default: %(default)s)")
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a smoke run: {QUICK['epochs']} epochs on {QUICK['train_images']} training images (overrides --epochs)",
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs = QUICK["epochs"]
-    if args.epochs < 1:
-        parser.error("--epochs must be >= 1")
+    args = parse_example_args(parser, argv, QUICK)
     return args
 
 

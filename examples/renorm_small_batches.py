@@ -66,6 +66,8 @@ from batchnorm.demo import (
     accuracy,
     bn_layers,
     load_digits_images,
+    parse_example_args,
+    quick_data,
     shuffled_batches,
     single_thread,
 )
@@ -195,7 +197,7 @@ def run(args: argparse.Namespace) -> dict:
 def _run(args: argparse.Namespace) -> dict:
     data = load_digits_images(args.seed)
     if args.quick:
-        data.x_train, data.y_train = data.x_train[: QUICK["train_images"]], data.y_train[: QUICK["train_images"]]
+        data = quick_data(data, QUICK)
     print(
         f"Digits: {len(data.y_train)} training / {len(data.y_test)} test images, batches of {args.batch_size} "
         f"({len(data.y_train) // args.batch_size} steps per epoch), {args.epochs} epochs, Adam lr {LR:g} "
@@ -289,16 +291,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default="constant",
         help=f"Adam's learning rate: {LR:g} throughout, or a one-cycle schedule peaking at it (default: %(default)s)",
     )
-    parser.add_argument(
-        "--quick",
-        action="store_true",
-        help=f"a smoke run: {QUICK['epochs']} epochs on {QUICK['train_images']} training images (overrides --epochs)",
-    )
-    args = parser.parse_args(argv)
-    if args.quick:
-        args.epochs = QUICK["epochs"]
-    if args.epochs < 1 or args.batch_size < 2:
-        parser.error("--epochs must be >= 1 and --batch-size >= 2")
+    args = parse_example_args(parser, argv, QUICK)
+    if args.batch_size < 2:
+        parser.error("--batch-size must be >= 2")
     return args
 
 

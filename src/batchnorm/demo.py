@@ -16,11 +16,12 @@ Needs the ``demo`` extra (matplotlib, scikit-learn, tqdm).
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -118,6 +119,28 @@ class Digits:
     y_train: torch.Tensor
     x_test: torch.Tensor
     y_test: torch.Tensor
+
+
+def parse_example_args(parser: argparse.ArgumentParser, argv: list[str] | None, quick: dict) -> argparse.Namespace:
+    """The examples' command line: ``parser``'s options (an ``--epochs`` among them) and ``--quick``,
+    a smoke run of ``quick["epochs"]`` epochs on ``quick["train_images"]`` training images
+    (:func:`quick_data`), which overrides ``--epochs``. ``--epochs`` must be >= 1."""
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"a smoke run: {quick['epochs']} epoch(s) on {quick['train_images']} training images (overrides --epochs)",
+    )
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.epochs = quick["epochs"]
+    if args.epochs < 1:
+        parser.error("--epochs must be >= 1")
+    return args
+
+
+def quick_data(data: Digits, quick: dict) -> Digits:
+    """``data`` with its first ``quick["train_images"]`` training images only (the examples' ``--quick``)."""
+    return replace(data, x_train=data.x_train[: quick["train_images"]], y_train=data.y_train[: quick["train_images"]])
 
 
 def load_digits_images(seed: int) -> Digits:
