@@ -320,8 +320,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--seed", type=int, default=0, help="data split, initialization and batch order (default: %(default)s)"
     )
     parser.add_argument("--out-dir", default="port-out", help=f"directory for {FILE_NAME} (default: %(default)s)")
-    args = parse_example_args(parser, argv, QUICK)
-    return args
+    return parse_example_args(parser, argv, QUICK)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -28,6 +28,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from .layer import BatchNormalization
+from .population import is_batch_normalization
 
 __all__ = ["from_torch", "to_torch", "fold", "Folded"]
 
@@ -272,7 +273,7 @@ def fold(module: nn.Module) -> nn.Module:
     unfolded = {
         path: f"called {calls[path]} times" if calls[path] > 1 else elsewhere
         for path, m in modules.items()
-        if _is_bn(m)
+        if is_batch_normalization(m)
     }
     for producer_path, bn_path in pairs:
         producer, bn = modules[producer_path], modules[bn_path]
@@ -293,10 +294,6 @@ def fold(module: nn.Module) -> nn.Module:
     return folded
 
 
-def _is_bn(module: nn.Module) -> bool:
-    return isinstance(module, (BatchNormalization, _BatchNorm))
-
-
 def _trace(model: nn.Module) -> fx.Graph | None:
     """``model``'s torch.fx graph (our layers as single calls), or ``None`` where it does not trace."""
     try:
@@ -311,7 +308,7 @@ def _graph_pairs(graph: fx.Graph, modules: dict[str, nn.Module], calls: Counter)
     and ours in its own mode."""
     pairs = []
     for node in graph.nodes:
-        if node.op != "call_module" or not _is_bn(modules[node.target]) or not node.args:
+        if node.op != "call_module" or not is_batch_normalization(modules[node.target]) or not node.args:
             continue
         source = node.args[0]
         if (
@@ -335,7 +332,7 @@ def _sequential_pairs(modules: dict[str, nn.Module]) -> list[tuple[str, str]]:
             pairs += [
                 (first, second)
                 for first, second in zip(names, names[1:])
-                if isinstance(modules[first], _FOLDS_INTO) and _is_bn(modules[second])
+                if isinstance(modules[first], _FOLDS_INTO) and is_batch_normalization(modules[second])
             ]
     return pairs
 

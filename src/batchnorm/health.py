@@ -30,11 +30,10 @@ from typing import Any, TextIO
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
 from . import functional
 from .layer import BatchNormalization
-from .population import frozen_layers, population_statistics
+from .population import batch_normalizations, frozen_layers, population_statistics
 
 __all__ = ["inspect", "inspect_files", "LayerHealth", "format_table", "MAX_MEAN_SHIFT", "VARIANCE_RATIO_RANGE"]
 
@@ -94,9 +93,7 @@ def inspect(
     measured = population_statistics(model, batches, progress=progress, description="inspect")
     report = [_health(path, layer, statistics, layer in frozen) for path, (layer, statistics) in measured.items()]
     if not quiet:
-        layers = [
-            path or "<root>" for path, m in model.named_modules() if isinstance(m, (BatchNormalization, _BatchNorm))
-        ]
+        layers = [path or "<root>" for path in batch_normalizations(model)]
         unreached = [path for path in layers if path not in {h.path for h in report}]
         print(format_table(report, unreached), file=sys.stdout if file is None else file)
     if plot is not None:

@@ -34,7 +34,24 @@ from . import distributed, functional
 from .functional import Statistics
 from .layer import BatchNormalization
 
-__all__ = ["recalibrate", "population_statistics", "frozen_layers", "is_measured"]
+__all__ = [
+    "recalibrate",
+    "population_statistics",
+    "is_batch_normalization",
+    "batch_normalizations",
+    "frozen_layers",
+    "is_measured",
+]
+
+
+def is_batch_normalization(module: nn.Module) -> bool:
+    """Ours, or torch's (``BatchNorm1d/2d/3d``, ``SyncBatchNorm`` and their lazy forms)."""
+    return isinstance(module, (BatchNormalization, _BatchNorm))
+
+
+def batch_normalizations(model: nn.Module) -> dict[str, nn.Module]:
+    """Every batch normalization of ``model`` by module path (``""``: the model itself)."""
+    return {path: m for path, m in model.named_modules() if is_batch_normalization(m)}
 
 
 def frozen_layers(model: nn.Module) -> set[nn.Module]:
@@ -137,7 +154,7 @@ def population_statistics(
     and finite statistics). Synchronized layers' populations are their process group's. The
     model's and its modules' modes are restored; nothing in the model is written.
     """
-    layers = {path: m for path, m in model.named_modules() if isinstance(m, (BatchNormalization, _BatchNorm))}
+    layers = batch_normalizations(model)
     populations = {path: _Population() for path in layers}
     frozen = frozen_layers(model)
     modes = [(m, m.training) for m in model.modules()]
