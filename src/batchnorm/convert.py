@@ -28,7 +28,7 @@ from torch.nn.parameter import is_lazy
 from torch.nn.utils import parametrize
 
 from .layer import BatchNormalization
-from .population import is_batch_normalization
+from .population import inference_parameters, is_batch_normalization
 
 __all__ = ["from_torch", "to_torch", "fold", "Folded"]
 
@@ -387,10 +387,7 @@ def _folded_rank(producer: nn.Module, bn: nn.Module) -> int | None:
 @torch.no_grad()
 def _fold_into(producer: nn.Module, bn: nn.Module) -> None:
     """``producer``'s weight and bias absorb ``bn``'s inference map (module docstring), in float64."""
-    if isinstance(bn, _BatchNorm):
-        mean, var, gamma, beta, epsilon = bn.running_mean, bn.running_var, bn.weight, bn.bias, bn.eps
-    else:
-        mean, var, gamma, beta, epsilon = bn.moving_mean, bn.moving_variance, bn.gamma, bn.beta, bn.epsilon
+    gamma, beta, mean, var, epsilon = inference_parameters(bn)
     scale = torch.rsqrt(var.double() + epsilon)
     if gamma is not None:
         scale = scale * gamma.double()

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from . import functional
 from .layer import BatchNormalization
-from .population import batch_normalizations, frozen_layers, population_statistics
+from .population import batch_normalizations, frozen_layers, inference_parameters, population_statistics
 
 __all__ = ["inspect", "inspect_files", "LayerHealth", "format_table", "MAX_MEAN_SHIFT", "VARIANCE_RATIO_RANGE"]
 
@@ -104,15 +104,8 @@ def inspect(
 @torch.no_grad()
 def _health(path: str, layer: nn.Module, population: functional.Statistics, frozen: bool) -> LayerHealth:
     mean, var, count, _ = population
-    if isinstance(layer, BatchNormalization):
-        moving_mean, moving_variance, gamma, epsilon = (
-            layer.moving_mean,
-            layer.moving_variance,
-            layer.gamma,
-            layer.epsilon,
-        )
-    else:  # torch keeps the unbiased variance: compare like with like
-        moving_mean, moving_variance, gamma, epsilon = layer.running_mean, layer.running_var, layer.weight, layer.eps
+    gamma, _, moving_mean, moving_variance, epsilon = inference_parameters(layer)
+    if not isinstance(layer, BatchNormalization):  # torch keeps the unbiased variance: compare like with like
         var = var * count / (count - 1).clamp(min=1)
     moving_mean, moving_variance = moving_mean.double().reshape(-1), moving_variance.double().reshape(-1)
     not_finite = ~(mean.isfinite() & var.isfinite() & moving_mean.isfinite() & moving_variance.isfinite())

@@ -24,7 +24,7 @@ pass: the ranks may hold different numbers of batches.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,7 @@ __all__ = [
     "recalibrate",
     "population_statistics",
     "is_batch_normalization",
+    "inference_parameters",
     "batch_normalizations",
     "frozen_layers",
     "is_measured",
@@ -52,6 +53,24 @@ def is_batch_normalization(module: nn.Module) -> bool:
 def batch_normalizations(model: nn.Module) -> dict[str, nn.Module]:
     """Every batch normalization of ``model`` by module path (``""``: the model itself)."""
     return {path: m for path, m in model.named_modules() if is_batch_normalization(m)}
+
+
+class InferenceParameters(NamedTuple):
+    """A batch normalization's inference parameters by Keras's names (torch's: ``weight``, ``bias``,
+    ``running_mean``, ``running_var``, ``eps``)."""
+
+    gamma: Tensor | None
+    beta: Tensor | None
+    moving_mean: Tensor
+    moving_variance: Tensor
+    epsilon: float
+
+
+def inference_parameters(layer: nn.Module) -> InferenceParameters:
+    """``layer``'s (ours or torch's) scale, offset, moving statistics and epsilon, the tensors themselves."""
+    if isinstance(layer, BatchNormalization):
+        return InferenceParameters(layer.gamma, layer.beta, layer.moving_mean, layer.moving_variance, layer.epsilon)
+    return InferenceParameters(layer.weight, layer.bias, layer.running_mean, layer.running_var, layer.eps)
 
 
 def frozen_layers(model: nn.Module) -> set[nn.Module]:
@@ -115,18 +134,15 @@ def _measuring_forward(module: nn.Module, population: _Population, measured: boo
             if module._built_shape is None:  # built by load_state_dict: the call fixes the rank
                 module.initialize_parameters(inputs, training, mask)
             x = inputs if inputs.is_floating_point() else inputs.to(module.weight_dtype)
-            weights = module.gamma, module.beta, module.moving_mean, module.moving_variance
-            epsilon = module.epsilon
         else:
             module._check_input_dim(inputs)
             x, axes, mask = inputs, (1,), None
-            weights = module.weight, module.bias, module.running_mean, module.running_var
-            epsilon = module.eps
         statistics = _input_statistics(x, axes, mask)
         population.add(statistics)
         if not measured:
             return original(inputs, *args, **kwargs)
         dtype = functional.compute_dtype(x.dtype)
+        *weights, epsilon = inference_parameters(module)
         gamma, beta, moving_mean, moving_variance = (None if w is None else w.to(dtype).reshape(-1) for w in weights)
         if not isinstance(statistics.count, Tensor) and statistics.count == 0:  # no element: the moving ones
             mean, var = moving_mean, moving_variance
@@ -227,7 +243,7 @@ def _synchronizes(layer: nn.Module) -> bool:
 
 def _empty(layer: nn.Module) -> Statistics:
     """The statistics of no element, for a rank whose batches never reached ``layer``."""
-    moving_variance = layer.moving_variance if isinstance(layer, BatchNormalization) else layer.running_var
+    moving_variance = inference_parameters(layer).moving_variance
     zeros = torch.zeros(moving_variance.shape, dtype=torch.float64, device=moving_variance.device).reshape(-1)
     return Statistics(zeros, zeros, zeros.new_zeros(()), True)
 
